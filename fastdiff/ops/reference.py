@@ -1,0 +1,96 @@
+"""Plain PyTorch reference implementations: the specification of every op fastdiff runs.
+
+Each function computes in float32 (statistics and arithmetic) and returns the input's dtype and
+memory format. Triton kernels in ``kernels/`` are tested against these functions, and the benchmarks
+use them as the "torch eager" peer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .noise import gaussian_noise_reference
+
+# Columns of an update-step coefficient table (one row per sampling step). With x = x_t,
+# m = the model output and z = standard Gaussian noise, every DDPM and DDIM variant is
+#   x0   = clip(x0_from_x * x + x0_from_m * m)                      (clip only if clip_range is set)
+#   eps  = eps_from_x * x + eps_from_m * m + eps_from_x0 * x0
+#   prev = prev_from_x0 * x0 + prev_from_eps * eps + prev_from_x * x + noise_std * z
+STEP_COEFFS = (
+    "x0_from_x",
+    "x0_from_m",
+    "eps_from_x",
+    "eps_from_m",
+    "eps_from_x0",
+    "prev_from_x0",
+    "prev_from_eps",
+    "prev_from_x",
+    "noise_std",
+)
+N_STEP_COEFFS = len(STEP_COEFFS)
+
+
+def group_norm(x, num_groups, weight, bias, eps=1e-5, *, add=None, silu=False):
+    """y = [silu](GroupNorm(x + add)), statistics over each (sample, group) in float32."""
+    n, c = x.shape[:2]
+    h = x.float()
+    if add is not None:
+        h = h + add.float().reshape(n, c, *([1] * (x.dim() - 2)))
+    y = F.group_norm(
+        h,
+        num_groups,
+        None if weight is None else weight.float(),
+        None if bias is None else bias.float(),
+        eps,
+    )
+    if silu:
+        y = F.silu(y)
+    fmt = torch.channels_last if x.dim() == 4 and _is_channels_last(x) else torch.contiguous_format
+    return y.to(x.dtype).contiguous(memory_format=fmt)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def update_step(
+    sample,
+    model_output,
+    coeffs,
+    step_index,
+    *,
+    clip_range=None,
+    noise=None,
+    seeds=None,
+    noise_streams=None,
+):
+    """One DDPM/DDIM update x_t -> x_{t-1} from row ``step_index`` of ``coeffs`` (see STEP_COEFFS).
+
+    ``step_index`` may be a Python int or an integer device tensor (read on the device, never synced).
+    Noise: ``noise`` if given, else Philox noise from ``seeds`` and ``noise_streams[step_index]``, else none.
+    """
+    row = coeffs[step_index].to(torch.float32)
+    (x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std) = row.unbind(0)
+    x = sample.float()
+    m = model_output.float()
+    x0 = x0_x * x + x0_m * m
+    if clip_range is not None:
+        x0 = x0.clamp(-clip_range, clip_range)
+    eps = eps_x * x + eps_m * m + eps_x0 * x0
+    prev = prev_x0 * x0 + prev_eps * eps + prev_x * x
+    if noise is None and seeds is not None:
+        noise = gaussian_noise_reference(seeds, noise_streams[step_index], sample.shape[1:], dtype=torch.float32)
+    if noise is not None:
+        prev = prev + noise_std * noise.float()
+    fmt = torch.channels_last if _is_channels_last(sample) else torch.contiguous_format
+    return prev.to(sample.dtype).contiguous(memory_format=fmt)
+
+
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v over [batch, heads, tokens, head_dim], computed in float32."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
