@@ -1,7 +1,7 @@
 """Plain PyTorch reference implementations: the specification of every op fastdiff runs.
 
-Each function computes in float32 (statistics and arithmetic) and returns the input's dtype and
-memory format. Triton kernels in ``kernels/`` are tested against these functions, and the benchmarks
+Each function computes in float32 (float64 for float64 input: an upcast reference for tests) and
+returns the input's dtype and memory format. Triton kernels in ``kernels/`` are tested against these functions, and the benchmarks
 use them as the "torch eager" peer.
 """
 
@@ -33,17 +33,22 @@ STEP_COEFFS = (
 N_STEP_COEFFS = len(STEP_COEFFS)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in its compute dtype: float64 stays float64, everything else becomes float32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def group_norm(x, num_groups, weight, bias, eps=1e-5, *, add=None, silu=False):
     """y = [silu](GroupNorm(x + add)), statistics over each (sample, group) in float32."""
     n, c = x.shape[:2]
-    h = x.float()
+    h = _wide(x)
     if add is not None:
-        h = h + add.float().reshape(n, c, *([1] * (x.dim() - 2)))
+        h = h + _wide(add).reshape(n, c, *([1] * (x.dim() - 2)))
     y = F.group_norm(
         h,
         num_groups,
-        None if weight is None else weight.float(),
-        None if bias is None else bias.float(),
+        None if weight is None else weight.to(h.dtype),
+        None if bias is None else bias.to(h.dtype),
         eps,
     )
     if silu:
@@ -54,6 +59,14 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, *, add=None, silu=False):
 
 def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _table_row(table: torch.Tensor, index) -> torch.Tensor:
+    """table[index] for an int or an integer tensor index. A tensor index is gathered on the device:
+    indexing with a 0-dim tensor would read it back to the host (a sync, and an error in CUDA-graph capture)."""
+    if isinstance(index, torch.Tensor):
+        return table.index_select(0, index.reshape(1))[0]
+    return table[index]
 
 
 def update_step(
@@ -72,19 +85,20 @@ def update_step(
     ``step_index`` may be a Python int or an integer device tensor (read on the device, never synced).
     Noise: ``noise`` if given, else Philox noise from ``seeds`` and ``noise_streams[step_index]``, else none.
     """
-    row = coeffs[step_index].to(torch.float32)
+    x = _wide(sample)
+    m = _wide(model_output)
+    row = _table_row(coeffs, step_index).to(x.dtype)
     (x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std) = row.unbind(0)
-    x = sample.float()
-    m = model_output.float()
     x0 = x0_x * x + x0_m * m
     if clip_range is not None:
         x0 = x0.clamp(-clip_range, clip_range)
     eps = eps_x * x + eps_m * m + eps_x0 * x0
     prev = prev_x0 * x0 + prev_eps * eps + prev_x * x
     if noise is None and seeds is not None:
-        noise = gaussian_noise_reference(seeds, noise_streams[step_index], sample.shape[1:], dtype=torch.float32)
+        noise = gaussian_noise_reference(seeds, _table_row(noise_streams, step_index), sample.shape[1:],
+                                         dtype=torch.float32)
     if noise is not None:
-        prev = prev + noise_std * noise.float()
+        prev = prev + noise_std * noise.to(x.dtype)
     fmt = torch.channels_last if _is_channels_last(sample) else torch.contiguous_format
     return prev.to(sample.dtype).contiguous(memory_format=fmt)
 
@@ -92,5 +106,5 @@ def update_step(
 def attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v over [batch, heads, tokens, head_dim], computed in float32."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+    scores = torch.matmul(_wide(q), _wide(k).transpose(-1, -2)) * scale
+    return torch.matmul(scores.softmax(dim=-1), _wide(v)).to(q.dtype)

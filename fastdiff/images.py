@@ -1,0 +1,94 @@
+"""Image input and output: tensors in [-1, 1] to PNG files, written atomically."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] floats in [-1, 1] -> uint8 [N, H, W, C] (C = 1 squeezed later for greyscale)."""
+    x = images.detach().float().cpu().clamp(-1, 1)
+    x = ((x + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def _pil(image: np.ndarray) -> Image.Image:
+    if image.shape[-1] == 1:
+        return Image.fromarray(image[..., 0], mode="L")
+    if image.shape[-1] in (3, 4):
+        return Image.fromarray(image)
+    raise ValueError(f"cannot write an image with {image.shape[-1]} channels as PNG (1, 3 or 4 only)")
+
+
+def save_png_atomic(image: Image.Image, path: str) -> None:
+    """Write ``image`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def image_path(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, f"{index:06d}.png")
+
+
+def save_images(images: torch.Tensor, out_dir: str, indices) -> list[str]:
+    """One PNG per image, named by its global index."""
+    paths = []
+    for image, index in zip(to_uint8(images), indices):
+        path = image_path(out_dir, int(index))
+        save_png_atomic(_pil(image), path)
+        paths.append(path)
+    return paths
+
+
+def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> Image.Image:
+    """uint8 [N, H, W, C] -> one grid picture, ``ncols`` wide (default: square)."""
+    n, h, w, c = images.shape
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    grid = np.zeros((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, ncols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = image
+    return _pil(grid)
+
+
+def load_png_folder(out_dir: str, indices) -> np.ndarray:
+    return np.stack([_as_hwc(np.asarray(Image.open(image_path(out_dir, int(i))))) for i in indices])
+
+
+def _as_hwc(a: np.ndarray) -> np.ndarray:
+    return a[..., None] if a.ndim == 2 else a
+
+
+def load_image(path: str, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """Read an image file as a [1, C, H, W] float tensor in [-1, 1], resized to ``size`` (H, W)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"init image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            im = im.resize((size[1], size[0]), Image.BICUBIC)
+            a = np.asarray(im, dtype=np.float32)
+    except OSError as exc:
+        raise ValueError(f"cannot read init image {path}: {exc}") from None
+    a = _as_hwc(a)
+    if a.shape[-1] != channels:
+        raise ValueError(f"init image {path} has {a.shape[-1]} channels, the model takes {channels}")
+    return torch.from_numpy(a).permute(2, 0, 1)[None] / 127.5 - 1.0
