@@ -18,6 +18,13 @@ class UsageError(ValueError):
     """A command-line value that is out of range."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``fastdiff: error: ...``) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"fastdiff: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -211,7 +218,7 @@ def _add_delegated(sub, name: str, module: str, help_text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdiff", description="Triton-accelerated diffusion sampling")
+    parser = _Parser(prog="fastdiff", description="Triton-accelerated diffusion sampling")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (backend choices, fallbacks)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_sample(sub)
