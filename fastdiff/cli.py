@@ -100,6 +100,8 @@ def _add_sample(sub):
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the sampling loop eagerly on CUDA")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="image side in pixels (default: the model's sample_size)")
     p.add_argument("--init-image", default=None, help="image-to-image: start from this picture")
     p.add_argument("--strength", type=_unit_float, default=0.6, help="image-to-image noise level in [0, 1]")
     p.add_argument("--no-progress", action="store_true")
@@ -127,15 +129,18 @@ def _run_sample(args) -> int:
     steps = args.steps or default_steps(args.scheduler, sampler)
     if steps > sampler.scheduler.num_train_timesteps:
         raise UsageError(f"--steps {steps} exceeds the model's {sampler.scheduler.num_train_timesteps} training timesteps")
+    if args.image_size is not None:
+        image_shape = (sampler.model.config.in_channels, args.image_size, args.image_size)
+    else:
+        image_shape = sampler.image_shape
     init = None
     if args.init_image is not None:
-        c, h, w = sampler.image_shape
-        init = images.load_image(args.init_image, c, (h, w))
+        init = images.load_image(args.init_image, image_shape[0], image_shape[1:])
     print(f"fastdiff: {description}; {args.scheduler} {steps} steps, {args.num_images} images "
           f"on {device} ({args.dtype}, backend {args.backend}) -> {args.out}", file=sys.stderr)
     result = generate(sampler, num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, steps=steps,
                       eta=args.eta, out_dir=args.out, init=init, strength=args.strength, grid=not args.no_grid,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, image_shape=image_shape)
     note = f" ({result.skipped} already there)" if result.skipped else ""
     print(f"wrote {len(result.written)} images to {args.out}{note}" + (f"; grid: {result.grid}" if result.grid else ""))
     return 0
@@ -240,6 +245,9 @@ def main(argv=None) -> int:
         args = parser.parse_args(["sample", *(argv or [])])
     try:
         return int(args.run(args) or 0)
+    except BrokenPipeError:  # `fastdiff shapes | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("fastdiff: interrupted; images written so far are kept and a rerun resumes", file=sys.stderr)
         return 130

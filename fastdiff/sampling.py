@@ -142,6 +142,8 @@ class Sampler:
     def image_shape(self) -> tuple[int, int, int]:
         cfg = self.model.config
         size = cfg.sample_size
+        if size is None:
+            raise ValueError("the model's config has no sample_size; pass the image size explicitly")
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (cfg.in_channels, h, w)
 
@@ -212,7 +214,7 @@ class GenerateResult:
 
 def generate(sampler: Sampler, *, num_images: int, batch_size: int, seed: int, steps: int, out_dir: str,
              eta: float = 0.0, init: torch.Tensor | None = None, strength: float = 1.0, grid: bool = True,
-             progress: bool = True) -> GenerateResult:
+             progress: bool = True, image_shape=None) -> GenerateResult:
     """Write ``num_images`` PNGs (``out_dir/000000.png`` ...) in batches; images already there are kept."""
     _check_positive_int("num_images", num_images)
     _check_positive_int("batch_size", batch_size)
@@ -230,7 +232,7 @@ def generate(sampler: Sampler, *, num_images: int, batch_size: int, seed: int, s
     try:
         for indices in batches:
             seeds = image_seeds(seed, indices)
-            out = sampler.sample(seeds, steps=steps, eta=eta, init=init, strength=strength,
+            out = sampler.sample(seeds, steps=steps, eta=eta, init=init, strength=strength, image_shape=image_shape,
                                  on_step=bar.update if progress else None)
             written += imageio.save_images(out, out_dir, indices)
     finally:

@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+# Tiny test tensors run fastest single-threaded; pytest-xdist supplies the parallelism.
+torch.set_num_threads(1)
+
 
 def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true", help="skip tests marked slow")
