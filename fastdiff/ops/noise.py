@@ -4,7 +4,7 @@ Noise for image ``n`` is a pure function of ``(seed[n], stream, element index)``
 does not depend on the batch it is drawn in, on the block size of a kernel, or on the order of launches,
 and it can be drawn inside a captured CUDA graph without any generator state.
 
-Mapping (identical in ``kernels/update_step.py``):
+Mapping (identical in ``kernels/update_step_kernels.py``):
 
 * key ``(k0, k1) = (seed & 0xffffffff, seed >> 32)`` (seed taken as an unsigned 64-bit value);
 * counter ``(c0, c1, c2, c3) = (e // 4, stream, 0, 0)`` where ``e`` is the element's logical NCHW index

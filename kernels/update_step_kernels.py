@@ -1,0 +1,498 @@
+"""Fused DDPM/DDIM update step x_t -> x_{t-1} with in-kernel Philox noise, and the noise on its own.
+
+Math (``fastdiff.ops.reference.STEP_COEFFS``), with x = x_t, m = the model output, z = standard normal noise
+and ``c`` the coefficient row of this step:
+
+    x0   = clip(c.x0_from_x * x + c.x0_from_m * m)
+    eps  = c.eps_from_x * x + c.eps_from_m * m + c.eps_from_x0 * x0
+    prev = c.prev_from_x0 * x0 + c.prev_from_eps * eps + c.prev_from_x * x + c.noise_std * z
+
+The coefficient row and the Philox stream are read on the device from ``coeffs_ptr + step * 9`` and
+``streams_ptr + step``, where ``step`` is either a launch argument or read from an integer device tensor,
+so a step is capturable in a CUDA graph and never recompiles (coefficients are runtime data).
+
+Noise follows ``fastdiff/ops/noise.py`` exactly: Philox-4x32-10 keyed by the image's seed, counter
+``(e // 4, stream, 0, 0)`` with ``e`` the logical NCHW index inside the image, uniforms
+``((r >> 8) + 0.5) * 2**-24`` and Box-Muller, element ``e`` taking ``n[e % 4]``. One Philox call serves four
+logical neighbours. ``ln``, ``sin`` and ``cos`` are written out below as short polynomials (range reduction
+by exponent and by quarter turns), so the interpreter and every Triton version run the same arithmetic:
+no libdevice, no slow paths, no local memory.
+
+The launchers run with ``enable_fp_fusion=False``: the reference rounds every product and sum of the update
+separately, and DDIM's x0/eps algebra cancels, so contraction would only add disagreement there. The noise
+polynomials use explicit ``tl.fma`` instead (half the instructions, and more accurate).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (CHANNELS_LAST, FLOAT_DTYPES, INT32_MAX, NCHW, cdiv, check_out, layout_of, memory_format,
+                      next_pow2, update_step_problem)
+
+N_STEP_COEFFS = 9
+FP_FUSION = False
+
+# Philox-4x32 constants (Salmon et al., 2011), identical to fastdiff/ops/noise.py.
+_ROUND_A: tl.constexpr = tl.constexpr(0xD2511F53)
+_ROUND_B: tl.constexpr = tl.constexpr(0xCD9E8D57)
+_KEY_A: tl.constexpr = tl.constexpr(0x9E3779B9)
+_KEY_B: tl.constexpr = tl.constexpr(0xBB67AE85)
+_ROUNDS: tl.constexpr = tl.constexpr(10)
+_TWO_PI: tl.constexpr = tl.constexpr(2.0 * math.pi)
+_LN2: tl.constexpr = tl.constexpr(math.log(2.0))
+_SQRT2: tl.constexpr = tl.constexpr(math.sqrt(2.0))
+
+NOISE_NONE = 0
+NOISE_TENSOR = 1
+NOISE_PHILOX = 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device helpers: Philox, ln, sin/cos, Box-Muller, the update formula.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _philox4x32(c0, c1, c2, c3, k0, k1):
+    """Philox-4x32-10 on uint32 counters ``c0..c3`` (same shape) with uint32 scalar keys ``k0, k1``.
+
+    Each 32x32-bit product is formed once in 64 bits (one wide multiply gives both halves).
+    """
+    for _ in tl.static_range(_ROUNDS):
+        prod_b = c2.to(tl.uint64) * _ROUND_B
+        prod_a = c0.to(tl.uint64) * _ROUND_A
+        c0, c1, c2, c3 = ((prod_b >> 32).to(tl.uint32) ^ c1 ^ k0, prod_b.to(tl.uint32),
+                          (prod_a >> 32).to(tl.uint32) ^ c3 ^ k1, prod_a.to(tl.uint32))
+        k0 = k0 + _KEY_A
+        k1 = k1 + _KEY_B
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _ln_unit(u):
+    """Natural log of a normal float32 ``u`` in (0, 1]: ``e ln 2 + 2 atanh(s)``, s = (m - 1) / (m + 1) with the
+    mantissa m in [0.71, 1.42). The atanh series to s**9 has truncation error below 1e-9 for |s| <= 0.172.
+    """
+    bits = u.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 127
+    m = ((bits & 0x007FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # mantissa in [1, 2)
+    big = m > _SQRT2
+    m = tl.where(big, m * 0.5, m)
+    e = tl.where(big, e + 1, e)
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    q = tl.fma(s2, 0.1111111111111111, 0.14285714285714285)
+    q = tl.fma(s2, q, 0.2)
+    q = tl.fma(s2, q, 0.3333333333333333)
+    two_s = s + s
+    return tl.fma(e.to(tl.float32), _LN2, tl.fma(two_s * s2, q, two_s))
+
+
+@triton.jit
+def _cos_sin_2pi(u):
+    """(cos(2 pi u), sin(2 pi u)) for u in [0, 1]: exact reduction to r = u - q/4 (|r| <= 1/8 turn), Taylor
+    polynomials of degree 8 and 9 in t = 2 pi r (error below 3e-8), quadrant q mod 4 by swaps and signs."""
+    q = (u * 4.0 + 0.5).to(tl.int32)  # nearest quarter turn (u >= 0, so truncation floors)
+    t = (u - q.to(tl.float32) * 0.25) * _TWO_PI
+    t2 = t * t
+    s = tl.fma(t2, 2.7557319223985893e-06, -0.0001984126984126984)
+    s = tl.fma(t2, s, 0.008333333333333333)
+    s = tl.fma(t2, s, -0.16666666666666666)
+    s = tl.fma(t * t2, s, t)
+    c = tl.fma(t2, 2.48015873015873e-05, -0.001388888888888889)
+    c = tl.fma(t2, c, 0.041666666666666664)
+    c = tl.fma(t2, c, -0.5)
+    c = tl.fma(t2, c, 1.0)
+    k = q & 3
+    odd = (k & 1) != 0
+    cos_mag = tl.where(odd, s, c)
+    sin_mag = tl.where(odd, c, s)
+    cos = tl.where((k == 1) | (k == 2), -cos_mag, cos_mag)
+    sin = tl.where(k >= 2, -sin_mag, sin_mag)
+    return cos, sin
+
+
+@triton.jit
+def _box_muller(r_rad, r_ang):
+    """Two standard normals from two uint32 words: sqrt(-2 ln u_a) * (cos 2 pi u_b, sin 2 pi u_b).
+
+    Uniforms u = ((r >> 8) + 0.5) * 2**-24 lie in (0, 1]; computed as one fma (k * 2**-24 + 2**-25), which
+    rounds exactly like the reference's float32 (k + 0.5) followed by the exact scaling.
+    """
+    u_rad = tl.fma((r_rad >> 8).to(tl.float32), 5.9604644775390625e-08, 2.9802322387695312e-08)
+    u_ang = tl.fma((r_ang >> 8).to(tl.float32), 5.9604644775390625e-08, 2.9802322387695312e-08)
+    rad = tl.sqrt(-2.0 * _ln_unit(u_rad))
+    cos, sin = _cos_sin_2pi(u_ang)
+    return rad * cos, rad * sin
+
+
+@triton.jit
+def _normal4(counter, stream, seed):
+    """Four standard normals per uint32 ``counter`` (any shape): Philox(counter, stream, 0, 0; key = seed).
+
+    ``stream`` is a uint32 scalar, ``seed`` an int64 scalar (key = its low and high 32-bit words).
+    """
+    k0 = seed.to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    c1 = tl.zeros_like(counter) + stream
+    zero = tl.zeros_like(counter)
+    r0, r1, r2, r3 = _philox4x32(counter, c1, zero, zero, k0, k1)
+    n0, n1 = _box_muller(r0, r1)
+    n2, n3 = _box_muller(r2, r3)
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _load_step(coeffs_ptr, step_ptr, step_value, step_from_ptr, n_steps, streams_ptr, NOISE: tl.constexpr):
+    """The step's coefficient row (9 float32) and Philox stream (uint32), read on the device.
+
+    Negative indices wrap as in Python; an index outside the table gives a NaN row (never a stray read).
+    """
+    step = tl.load(step_ptr, mask=step_from_ptr != 0, other=0).to(tl.int32) + step_value
+    step = tl.where(step < 0, step + n_steps, step)
+    ok = (step >= 0) & (step < n_steps)
+    row = coeffs_ptr + step * 9
+    nan = float("nan")
+    x0_x = tl.load(row + 0, mask=ok, other=nan)
+    x0_m = tl.load(row + 1, mask=ok, other=nan)
+    eps_x = tl.load(row + 2, mask=ok, other=nan)
+    eps_m = tl.load(row + 3, mask=ok, other=nan)
+    eps_x0 = tl.load(row + 4, mask=ok, other=nan)
+    prev_x0 = tl.load(row + 5, mask=ok, other=nan)
+    prev_eps = tl.load(row + 6, mask=ok, other=nan)
+    prev_x = tl.load(row + 7, mask=ok, other=nan)
+    noise_std = tl.load(row + 8, mask=ok, other=nan)
+    if NOISE == 2:
+        stream = tl.load(streams_ptr + step, mask=ok, other=0).to(tl.uint32)
+    else:
+        stream = tl.zeros([], tl.uint32)
+    return x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, stream
+
+
+@triton.jit
+def _update(x, m, z, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo, clip_hi,
+            NOISE: tl.constexpr):
+    """x_{t-1} from float32 x, m (and z when NOISE != 0); same operation order as the reference."""
+    x0 = x0_x * x + x0_m * m
+    x0 = tl.minimum(tl.maximum(x0, clip_lo, propagate_nan=tl.PropagateNan.ALL), clip_hi,
+                    propagate_nan=tl.PropagateNan.ALL)
+    eps = eps_x * x + eps_m * m + eps_x0 * x0
+    prev = prev_x0 * x0 + prev_eps * eps + prev_x * x
+    if NOISE != 0:
+        prev = prev + noise_std * z
+    return prev
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _update_step_kernel(
+    x_ptr,  # sample x_t: [N, numel_img] in memory order (NCHW-contiguous, or any layout unless NOISE == 2)
+    m_ptr,  # model output, same shape and layout as x
+    z_ptr,  # noise, same shape and layout as x (read only when NOISE == 1)
+    out_ptr,  # x_{t-1}, same shape and layout as x (may alias x_ptr)
+    coeffs_ptr,  # float32 [n_steps, 9] coefficient table, row-major
+    step_ptr,  # integer device scalar holding the step index (read only when step_from_ptr != 0)
+    step_value,  # int32 step index added to the value read (the Python step index, or 0)
+    step_from_ptr,  # int32: 1 = read the step index from step_ptr, 0 = use step_value alone
+    n_steps,  # int32 rows of coeffs
+    seeds_ptr,  # int64 [N] per-image Philox seeds (NOISE == 2)
+    streams_ptr,  # integer [n_steps] Philox stream of each step (NOISE == 2)
+    clip_lo,  # float32 lower bound of x0 (-inf: no clipping)
+    clip_hi,  # float32 upper bound of x0 (+inf: no clipping)
+    numel_img,  # int32 elements per image (C * H * W)
+    NOISE: tl.constexpr,  # 0 none, 1 tensor z_ptr, 2 Philox from (seed, stream, logical index)
+    BLOCK: tl.constexpr,  # elements per program, a multiple of 4
+):
+    """One update step over a block of one image, memory order = logical NCHW order.
+
+    The block is a [BLOCK // 4, 4] tile: row r holds elements 4r..4r+3, which one Philox call serves.
+    Bytes per element: reads 2 * s (x, m) [+ s for a noise tensor], writes s, s = element size
+    (float16: 6 bytes, or 8 with a noise tensor). Philox noise costs no memory traffic.
+    """
+    pid = tl.program_id(0)
+    img = tl.program_id(1)
+    x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, stream = _load_step(
+        coeffs_ptr, step_ptr, step_value, step_from_ptr, n_steps, streams_ptr, NOISE)
+    quad = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)  # index of 4-element group inside the image
+    offs = quad[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK // 4, 4] logical (= memory) index
+    mask = offs < numel_img
+    base = img.to(tl.int64) * numel_img
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if NOISE == 1:
+        z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    elif NOISE == 2:
+        seed = tl.load(seeds_ptr + img)
+        n0, n1, n2, n3 = _normal4(quad.to(tl.uint32), stream, seed)
+        # join(join(n0, n2), join(n1, n3)) is [R, 2, 2] with [r, j, k] = n[2j + k]: reshape gives n0..n3 in order
+        z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK // 4, 4])
+    else:
+        z = x
+    y = _update(x, m, z, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo, clip_hi,
+                NOISE)
+    tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _update_step_cl_philox_kernel(
+    x_ptr,  # sample x_t: [N, H, W, C] memory order (channels_last)
+    m_ptr,  # model output, same layout
+    out_ptr,  # x_{t-1}, same layout (may alias x_ptr)
+    coeffs_ptr,  # float32 [n_steps, 9] coefficient table, row-major
+    step_ptr,  # integer device scalar holding the step index (read only when step_from_ptr != 0)
+    step_value,  # int32 step index added to the value read
+    step_from_ptr,  # int32: 1 = read the step index from step_ptr
+    n_steps,  # int32 rows of coeffs
+    seeds_ptr,  # int64 [N] per-image Philox seeds
+    streams_ptr,  # integer [n_steps] Philox stream of each step
+    clip_lo,  # float32 lower bound of x0 (-inf: no clipping)
+    clip_hi,  # float32 upper bound of x0 (+inf: no clipping)
+    C,  # int32 channels
+    HW,  # int32 pixels per image (H * W)
+    QUADS: tl.constexpr,  # True when HW % 4 == 0: one Philox call per (channel, 4 pixels)
+    BLOCK_P: tl.constexpr,  # pixels per program (QUADS: pixel quads per program)
+    BLOCK_C: tl.constexpr,  # channels per program
+):
+    """Update step with Philox noise on channels_last tensors; noise indexed by the logical NCHW index.
+
+    Element (c, p) of an image has logical index e = c * HW + p. With HW % 4 == 0 the four pixels 4q..4q+3 of a
+    channel share counter c * HW / 4 + q, so the program draws noise for a [quads, channels] tile once and
+    updates four [quads, channels] sub-tiles (pixel 4q + k takes n_k), each loaded along contiguous channels.
+    Otherwise each element draws its own counter e // 4 and takes n[e % 4] (four times the Philox work).
+    Bytes per element: reads 2 * s (x, m), writes s (float16: 6 bytes).
+    """
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    img = tl.program_id(2)
+    x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, stream = _load_step(
+        coeffs_ptr, step_ptr, step_value, step_from_ptr, n_steps, streams_ptr, 2)
+    seed = tl.load(seeds_ptr + img)
+    base = img.to(tl.int64) * C * HW
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    if QUADS:
+        quad = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = (quad[:, None] < HW // 4) & (ch[None, :] < C)
+        counter = (ch[None, :] * (HW // 4) + quad[:, None]).to(tl.uint32)
+        n0, n1, n2, n3 = _normal4(counter, stream, seed)
+        pix = quad * 4
+        offs = pix[:, None] * C + ch[None, :]
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _update(x, m, n0, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo,
+                    clip_hi, 2)
+        tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        offs += C
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _update(x, m, n1, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo,
+                    clip_hi, 2)
+        tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        offs += C
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _update(x, m, n2, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo,
+                    clip_hi, 2)
+        tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        offs += C
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _update(x, m, n3, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo,
+                    clip_hi, 2)
+        tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = (pix[:, None] < HW) & (ch[None, :] < C)
+        e = ch[None, :] * HW + pix[:, None]  # logical NCHW index inside the image
+        n0, n1, n2, n3 = _normal4((e >> 2).to(tl.uint32), stream, seed)
+        lane = e & 3
+        z = tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
+        offs = pix[:, None] * C + ch[None, :]
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _update(x, m, z, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo,
+                    clip_hi, 2)
+        tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gaussian_noise_kernel(
+    out_ptr,  # noise [N, numel_img], NCHW-contiguous
+    seeds_ptr,  # int64 [N] per-image seeds
+    stream_ptr,  # integer device scalar holding the stream (read only when stream_from_ptr != 0)
+    stream_value,  # stream added to the value read (the Python stream mod 2**32, or 0)
+    stream_from_ptr,  # int32: 1 = read the stream from stream_ptr
+    numel_img,  # int32 elements per image
+    BLOCK: tl.constexpr,  # elements per program, a multiple of 4
+):
+    """Standard normal noise of ``fastdiff/ops/noise.py``: element e of image n is n[e % 4] of
+    Philox((e // 4, stream, 0, 0), key = seed[n]) through Box-Muller. Bytes per element: writes s."""
+    pid = tl.program_id(0)
+    img = tl.program_id(1)
+    stream = (tl.load(stream_ptr, mask=stream_from_ptr != 0, other=0).to(tl.int64) + stream_value).to(tl.uint32)
+    seed = tl.load(seeds_ptr + img)
+    quad = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    offs = quad[:, None] * 4 + tl.arange(0, 4)[None, :]
+    n0, n1, n2, n3 = _normal4(quad.to(tl.uint32), stream, seed)
+    z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK // 4, 4])
+    base = img.to(tl.int64) * numel_img
+    tl.store(out_ptr + base + offs, z.to(out_ptr.dtype.element_ty), mask=offs < numel_img)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch plans (shared with kernels/compile_check.py) and launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Block sizes and warps of one update-step (or noise) launch."""
+
+    kernel: str  # "flat" (_update_step_kernel), "cl_philox" (_update_step_cl_philox_kernel) or "noise"
+    block: int  # flat / noise: elements per program
+    block_p: int  # cl_philox: pixels (or pixel quads) per program
+    block_c: int  # cl_philox: channels per program
+    quads: bool  # cl_philox: HW % 4 == 0
+    num_warps: int
+
+
+def plan_update_step(c: int, hw: int, layout: str, philox: bool) -> StepPlan:
+    """The one place that picks block sizes for the update step (launcher and compile check)."""
+    if layout == CHANNELS_LAST and philox:
+        block_c = min(next_pow2(c), 64)
+        quads = hw % 4 == 0
+        # 1024 elements per program either way (quads: 4 sub-tiles of block_p * block_c)
+        block_p = max(1, (256 if quads else 1024) // block_c)
+        return StepPlan("cl_philox", 0, block_p, block_c, quads, 4)
+    # 16 elements a thread: amortises the per-program coefficient loads and index math (fewer instructions
+    # per element matter once Philox and Box-Muller are in the loop)
+    return StepPlan("flat", 2048, 0, 0, False, 4)
+
+
+def plan_gaussian_noise() -> StepPlan:
+    return StepPlan("noise", 2048, 0, 0, False, 4)
+
+
+def _integer_scalar(t: torch.Tensor, name: str, device) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.numel() != 1:
+        raise ValueError(f"{name} must hold one element, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, noise=None, seeds=None,
+                noise_streams=None, out=None):
+    """Fused update step (see module docstring); same contract as ``fastdiff.ops.reference.update_step``.
+
+    ``out`` (optional): preallocated result like ``sample`` (it may be ``sample`` itself).
+    """
+    problem = update_step_problem(sample, model_output, noise)
+    if problem:
+        raise ValueError(f"update_step: {problem}")
+    device = sample.device
+    if coeffs.dim() != 2 or coeffs.shape[1] != N_STEP_COEFFS or coeffs.dtype != torch.float32:
+        raise ValueError(f"update_step: coeffs must be float32 [steps, 9], got {coeffs.dtype} {tuple(coeffs.shape)}")
+    if coeffs.device != device or not coeffs.is_contiguous():
+        raise ValueError("update_step: coeffs must be a contiguous tensor on the sample's device")
+    n_steps = coeffs.shape[0]
+    if isinstance(step_index, torch.Tensor):
+        _integer_scalar(step_index, "step_index", device)
+        step_ptr, step_value, step_from_ptr = step_index, 0, 1
+    else:
+        step = int(step_index)
+        if not -n_steps <= step < n_steps:
+            raise ValueError(f"update_step: step_index {step} outside a table of {n_steps} steps")
+        step_ptr, step_value, step_from_ptr = coeffs, step % n_steps, 0
+    if noise is not None:
+        mode = NOISE_TENSOR
+    elif seeds is not None:
+        mode = NOISE_PHILOX
+        if noise_streams is None:
+            raise ValueError("update_step: seeds given without noise_streams")
+        if (seeds.dtype != torch.int64 or seeds.dim() != 1 or seeds.shape[0] != sample.shape[0]
+                or seeds.device != device):
+            raise ValueError(f"update_step: seeds must be int64 [{sample.shape[0]}] on {device}")
+        if (noise_streams.dtype not in (torch.int32, torch.int64) or noise_streams.dim() != 1
+                or noise_streams.shape[0] != n_steps or noise_streams.device != device):
+            raise ValueError(f"update_step: noise_streams must be int32/int64 [{n_steps}] on {device}")
+        seeds, noise_streams = seeds.contiguous(), noise_streams.contiguous()  # read at unit stride
+    else:
+        mode = NOISE_NONE
+    if clip_range is None:
+        clip_lo, clip_hi = float("-inf"), float("inf")
+    else:
+        clip_lo, clip_hi = -float(clip_range), float(clip_range)
+        if not clip_hi >= 0:
+            raise ValueError(f"update_step: clip_range must be >= 0, got {clip_range}")
+    layout = layout_of(sample)
+    if out is None:
+        out = torch.empty(sample.shape, dtype=sample.dtype, device=device, memory_format=memory_format(layout))
+    else:
+        check_out(out, sample.shape, sample.dtype, device, layout, "update_step")
+    if sample.numel() == 0:
+        return out
+    n, c = sample.shape[:2]
+    numel_img = sample[0].numel()
+    hw = numel_img // c
+    plan = plan_update_step(c, hw, layout, mode == NOISE_PHILOX)
+    seeds_arg = seeds if mode == NOISE_PHILOX else coeffs
+    streams_arg = noise_streams if mode == NOISE_PHILOX else coeffs
+    if plan.kernel == "cl_philox":
+        p_programs = cdiv(hw // 4 if plan.quads else hw, plan.block_p)
+        grid = (p_programs, cdiv(c, plan.block_c), n)
+        _update_step_cl_philox_kernel[grid](
+            sample, model_output, out, coeffs, step_ptr, step_value, step_from_ptr, n_steps, seeds_arg, streams_arg,
+            clip_lo, clip_hi, c, hw, QUADS=plan.quads, BLOCK_P=plan.block_p, BLOCK_C=plan.block_c,
+            num_warps=plan.num_warps, num_stages=1, enable_fp_fusion=FP_FUSION)
+    else:
+        grid = (cdiv(numel_img, plan.block), n)
+        _update_step_kernel[grid](
+            sample, model_output, noise if mode == NOISE_TENSOR else sample, out, coeffs, step_ptr, step_value,
+            step_from_ptr, n_steps, seeds_arg, streams_arg, clip_lo, clip_hi, numel_img, NOISE=mode,
+            BLOCK=plan.block, num_warps=plan.num_warps, num_stages=1, enable_fp_fusion=FP_FUSION)
+    return out
+
+
+def gaussian_noise(seeds, stream, image_shape, *, dtype=torch.float32, out=None):
+    """Standard normal noise [len(seeds), *image_shape] (NCHW-contiguous), as ``gaussian_noise_reference``.
+
+    ``stream``: Python int or a one-element integer device tensor (read on the device).
+    """
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.dim() != 1:
+        raise ValueError("gaussian_noise: seeds must be a 1-D int64 tensor")
+    seeds = seeds.contiguous()
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"gaussian_noise: dtype {dtype} is not float32, float16 or bfloat16")
+    device = seeds.device
+    image_shape = tuple(int(s) for s in image_shape)
+    numel_img = math.prod(image_shape)
+    if numel_img > INT32_MAX:
+        raise ValueError("gaussian_noise: more than 2**31 - 1 elements per image")
+    shape = (seeds.shape[0], *image_shape)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        check_out(out, shape, dtype, device, NCHW, "gaussian_noise")
+    if isinstance(stream, torch.Tensor):
+        _integer_scalar(stream, "stream", device)
+        stream_ptr, stream_value, from_ptr = stream, 0, 1
+    else:
+        stream_ptr, stream_value, from_ptr = seeds, int(stream) & 0xFFFFFFFF, 0
+    if out.numel() == 0:
+        return out
+    plan = plan_gaussian_noise()
+    grid = (cdiv(numel_img, plan.block), seeds.shape[0])
+    _gaussian_noise_kernel[grid](out, seeds, stream_ptr, stream_value, from_ptr, numel_img, BLOCK=plan.block,
+                                 num_warps=plan.num_warps, num_stages=1, enable_fp_fusion=FP_FUSION)
+    return out

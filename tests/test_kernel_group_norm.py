@@ -1,0 +1,237 @@
+"""GroupNorm(+add)(+SiLU) Triton kernels against the reference, under the Triton interpreter on the CPU.
+
+Tolerance: fastdiff.testing.RTOL for the output dtype (relative Frobenius error against the float32
+reference). Inputs are fresh random every run; every output buffer starts as NaN, so an element the kernel
+forgets to write fails the comparison. Shapes are small because the interpreter runs programs one by one;
+the split path is forced on small shapes with explicit tile sizes (``split_plan``).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported anywhere in this process
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdiff import kernels, ops
+from fastdiff.kernels.group_norm_kernels import (SINGLE_MAX_ELEMENTS, TARGET_PROGRAMS, plan_group_norm, split_plan)
+from fastdiff.ops import reference
+from fastdiff.testing import assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["nchw", "channels_last"]
+
+
+def make_input(shape, dtype, layout, mean=0.5, std=2.0):
+    x = (torch.randn(shape) * std + mean).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def poisoned_like(x):
+    fmt = torch.channels_last if (x.dim() == 4 and not x.is_contiguous()) else torch.contiguous_format
+    return torch.full(x.shape, float("nan"), dtype=x.dtype).contiguous(memory_format=fmt)
+
+
+def check(x, groups, *, weight=True, bias=True, add=None, silu=False, plan=None, param_dtype=None, eps=1e-5):
+    """Run the kernel into a NaN-filled buffer and compare with the reference; returns the output."""
+    c = x.shape[1]
+    pdt = param_dtype or x.dtype
+    w = torch.randn(c).to(pdt) if weight else None
+    b = torch.randn(c).to(pdt) if bias else None
+    out = poisoned_like(x)
+    res = kernels.group_norm(x, groups, w, b, eps, add=add, silu=silu, out=out, plan=plan)
+    assert res is out
+    ref = reference.group_norm(x, groups, w, b, eps, add=add, silu=silu)
+    assert res.dtype == x.dtype
+    assert res.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+                             else torch.contiguous_format)
+    assert_close(res, ref, x.dtype, what=f"group_norm {tuple(x.shape)} groups={groups}")
+    return res
+
+
+# ---- both paths, every dtype and layout ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_single_path_c96_3groups_7x5(dtype, layout):
+    """C=96 in 3 groups on a 7x5 map, N=3: one program per (sample, group), add and silu fused."""
+    x = make_input((3, 96, 7, 5), dtype, layout)
+    assert plan_group_norm(3, 96, 35, 3, layout == "channels_last").path == "single"
+    check(x, 3, add=torch.randn(3, 96).to(dtype), silu=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_split_path_groups_larger_than_a_tile(dtype, layout):
+    """Groups of 4 channels x 35 pixels split into 16x16 tiles, 2 tiles per stats program (3 tiles a channel:
+    one full chunk and one ragged chunk), partials merged by the combine kernel."""
+    x = make_input((3, 12, 7, 5), dtype, layout)
+    plan = split_plan(12, 35, 3, block_c=16, block_p=16, tiles_per_chunk=2)
+    assert plan.n_chunks == 2
+    check(x, 3, add=torch.randn(3, 12, 1, 1).to(dtype), silu=True, plan=plan)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_split_path_channel_blocks_smaller_than_group(layout):
+    """Channel tiles (4) narrower than the group (8 channels), groups = 1 and 2."""
+    x = make_input((2, 16, 6, 6), torch.float32, layout)
+    check(x, 2, silu=True, plan=split_plan(16, 36, 2, block_c=4, block_p=16, tiles_per_chunk=1))
+    check(x, 1, add=torch.randn(2, 16), plan=split_plan(16, 36, 1, block_c=8, block_p=8, tiles_per_chunk=4))
+
+
+# ---- labelled edge cases ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["single", "split"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_groups_one_and_groups_equal_channels(path, layout):
+    x = make_input((2, 8, 5, 3), torch.float32, layout)
+    for groups in (1, 8):
+        plan = None if path == "single" else split_plan(8, 15, groups, block_c=8, block_p=8, tiles_per_chunk=1)
+        check(x, groups, silu=True, plan=plan)
+
+
+@pytest.mark.parametrize("path", ["single", "split"])
+def test_batch_one(path):
+    x = make_input((1, 6, 4, 9), torch.float16, "nchw")
+    plan = None if path == "single" else split_plan(6, 36, 3, block_c=8, block_p=16, tiles_per_chunk=2)
+    check(x, 3, add=torch.randn(1, 6, dtype=torch.float16), plan=plan)
+
+
+def test_3d_and_2d_inputs():
+    """[N, C, L] and [N, C] tensors (NCHW-contiguous) take the same kernels."""
+    check(make_input((2, 6, 10), torch.float32, "nchw"), 3, silu=True)
+    check(make_input((3, 8, 10), torch.float32, "nchw"), 2,
+          plan=split_plan(8, 10, 2, block_c=4, block_p=4, tiles_per_chunk=2))
+    check(make_input((4, 6), torch.float32, "nchw"), 2, add=torch.randn(4, 6))
+
+
+@pytest.mark.parametrize("path", ["single", "split"])
+def test_weight_bias_optional(path):
+    x = make_input((2, 8, 4, 4), torch.float32, "channels_last")
+    plan = None if path == "single" else split_plan(8, 16, 4, block_c=8, block_p=8, tiles_per_chunk=1)
+    check(x, 4, weight=False, bias=False, plan=plan)
+    check(x, 4, weight=True, bias=False, silu=True, plan=plan)
+    check(x, 4, weight=False, bias=True, add=torch.randn(2, 8), plan=plan)
+
+
+def test_mixed_dtypes_fp32_params_and_add_with_fp16_x():
+    x = make_input((2, 8, 6, 6), torch.float16, "nchw")
+    check(x, 4, add=torch.randn(2, 8), silu=True, param_dtype=torch.float32)
+
+
+def test_non_contiguous_add():
+    """add sliced out of a wider tensor (row stride != C) is read in place."""
+    x = make_input((2, 8, 3, 3), torch.float32, "nchw")
+    wide = torch.randn(2, 20)
+    check(x, 2, add=wide[:, 4:12])
+    check(x, 2, add=wide[:, 4:12], plan=split_plan(8, 9, 2, block_c=4, block_p=4, tiles_per_chunk=1))
+
+
+@pytest.mark.parametrize("path", ["single", "split"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_mean_variance_is_robust(path, layout):
+    """mean 1e3, std 1: E[h^2] - E[h]^2 in float32 would lose the variance (1e6 + 1 at an ulp of 0.06).
+
+    Compared with a float64 GroupNorm. Tolerance 2e-4: float32 cannot even hold the mean 1e3 closer than
+    3e-5, and that error shifts every normalised value by (its error) / std.
+    """
+    x = make_input((2, 8, 8, 8), torch.float32, layout, mean=1000.0, std=1.0)
+    w, b = torch.randn(8), torch.randn(8)
+    plan = None if path == "single" else split_plan(8, 64, 2, block_c=4, block_p=16, tiles_per_chunk=2)
+    res = kernels.group_norm(x, 2, w, b, 1e-5, plan=plan)
+    exact = F.group_norm(x.double(), 2, w.double(), b.double(), 1e-5)
+    assert_close(res, exact, rtol=2e-4, what="large-mean group_norm")
+    # the naive one-pass formula in float32 fails the same tolerance by orders of magnitude
+    h = x.reshape(2, 2, -1)
+    naive_var = (h * h).mean(-1) - h.mean(-1) ** 2
+    exact_var = x.double().reshape(2, 2, -1).var(-1, unbiased=False)
+    assert ((naive_var.double() - exact_var).abs() / exact_var).max() > 1e-2
+
+
+def test_split_path_is_deterministic_and_in_place():
+    x = make_input((2, 8, 8, 8), torch.float32, "nchw")
+    w, b, add = torch.randn(8), torch.randn(8), torch.randn(2, 8)
+    plan = split_plan(8, 64, 2, block_c=4, block_p=16, tiles_per_chunk=2)
+    first = kernels.group_norm(x, 2, w, b, add=add, silu=True, plan=plan)
+    second = kernels.group_norm(x, 2, w, b, add=add, silu=True, plan=plan)
+    assert torch.equal(first, second)
+    inplace = x.clone()
+    kernels.group_norm(inplace, 2, w, b, add=add, silu=True, out=inplace, plan=plan)
+    assert torch.equal(inplace, first)
+
+
+# ---- dispatch, plan and errors ---------------------------------------------------------------------------------
+
+
+def test_ops_dispatch_triton_backend():
+    x = make_input((2, 8, 5, 5), torch.bfloat16, "channels_last")
+    w, b, add = torch.randn(8), torch.randn(8), torch.randn(2, 8, 1, 1)
+    res = ops.group_norm(x, 4, w, b, add=add, silu=True, backend="triton")
+    ref = ops.group_norm(x, 4, w, b, add=add, silu=True, backend="reference")
+    assert res.is_contiguous(memory_format=torch.channels_last)
+    assert_close(res, ref, torch.bfloat16)
+
+
+def test_plan_splits_large_groups_across_many_programs():
+    """A 512x512 map with 128 channels in 32 groups (1M elements a group) at batch 1 goes to the split path
+    with enough stats programs to fill the GPU; small groups stay single-pass."""
+    for cl in (False, True):
+        plan = plan_group_norm(1, 128, 512 * 512, 32, cl)
+        assert plan.path == "split"
+        stats_programs = plan.n_chunks * -(-128 // plan.block_c)
+        assert stats_programs >= TARGET_PROGRAMS
+        assert plan.block_c * plan.block_p <= 4096
+    plan = plan_group_norm(1, 128, 32 * 32, 32, False)
+    assert plan.path == "single" and plan.block_c * plan.block_p <= SINGLE_MAX_ELEMENTS
+
+
+def test_env_override_forces_split(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_GN_MAX_SINGLE", "0")
+    monkeypatch.setenv("FASTDIFF_GN_TILE", "64")
+    plan = plan_group_norm(2, 8, 36, 2, False)
+    assert plan.path == "split" and plan.block_c * plan.block_p == 64
+    check(make_input((2, 8, 6, 6), torch.float32, "nchw"), 2, silu=True)  # launcher picks the same plan
+
+
+def test_errors_are_clear():
+    x = make_input((2, 6, 4, 4), torch.float32, "nchw")
+    with pytest.raises(ValueError, match="divisor"):
+        kernels.group_norm(x, 4, None, None)
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.group_norm(torch.randint(0, 5, (2, 6, 4, 4)), 3, None, None)
+    with pytest.raises(ValueError, match="float64"):
+        ops.group_norm(x.double(), 3, backend="triton")
+    with pytest.raises(ValueError, match="shape"):
+        kernels.group_norm(x, 3, torch.randn(5), None)
+    with pytest.raises(ValueError, match="add"):
+        kernels.group_norm(x, 3, None, None, add=torch.randn(2, 5))
+    with pytest.raises(ValueError, match="out"):
+        kernels.group_norm(x, 3, None, None, out=torch.empty(2, 6, 4, 4, dtype=torch.float16))
+    strided = torch.randn(2, 4, 4, 6).permute(0, 3, 2, 1)  # neither NCHW-contiguous nor channels_last
+    assert "neither" in kernels.group_norm_problem(strided, None, None, None)
+    with pytest.raises(ValueError, match="neither"):
+        ops.group_norm(strided, 3, backend="triton")
+    assert kernels.group_norm_problem(x, None, None, None) is None
+
+
+# ---- wider sweeps (slow) ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("add_shape", [None, "nc", "nc11"])
+@pytest.mark.parametrize("silu", [False, True])
+def test_sweep_both_paths(dtype, layout, add_shape, silu):
+    n, c, groups = 3, 24, 3
+    x = make_input((n, c, 7, 5), dtype, layout)
+    add = None if add_shape is None else torch.randn(n, c).to(dtype)
+    if add_shape == "nc11":
+        add = add.reshape(n, c, 1, 1)
+    check(x, groups, add=add, silu=silu)
+    check(x, groups, add=add, silu=silu, plan=split_plan(c, 35, groups, block_c=32, block_p=16, tiles_per_chunk=2))

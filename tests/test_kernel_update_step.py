@@ -1,0 +1,257 @@
+"""Fused DDPM/DDIM update-step kernel against the reference, under the Triton interpreter on the CPU.
+
+Tolerance: fastdiff.testing.RTOL for the sample dtype. With no noise or a noise tensor the float32 result
+matches the reference to rounding (same operation order, no FMA contraction). With in-kernel Philox noise
+the Gaussian values differ from the reference's torch log/cos/sin by float32 rounding only (~1e-7 relative;
+on a GPU the fast sqrt and division add about as much), so the same RTOL applies and float32 is also held
+to 1e-6. Inputs are fresh random every run and outputs start as NaN.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported anywhere in this process
+
+import math
+
+import pytest
+import torch
+
+from fastdiff import kernels, ops
+from fastdiff.ops import reference
+from fastdiff.testing import assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["f32", "f16", "bf16"]
+LAYOUTS = ["nchw", "channels_last"]
+
+
+# ---- coefficient tables of the samplers, built from the formulas (float64, stored float32) --------------------
+
+
+def alphas_cumprod(T=1000):
+    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+def x0_coeffs(pred, a):
+    """x0 = x0_from_x * x + x0_from_m * m for the three prediction types."""
+    if pred == "epsilon":  # x0 = (x - sqrt(1 - a) eps) / sqrt(a)
+        return 1 / math.sqrt(a), -math.sqrt(1 - a) / math.sqrt(a)
+    if pred == "sample":
+        return 0.0, 1.0
+    if pred == "v_prediction":  # x0 = sqrt(a) x - sqrt(1 - a) v
+        return math.sqrt(a), -math.sqrt(1 - a)
+    raise ValueError(pred)
+
+
+def ddpm_row(pred, t, ac):
+    """Ho et al. 2020, eq. 7: prev = c1 x0 + c2 x_t + sigma z."""
+    a, a_prev = ac[t].item(), (ac[t - 1].item() if t > 0 else 1.0)
+    beta = 1 - a / a_prev
+    x0_x, x0_m = x0_coeffs(pred, a)
+    c1 = math.sqrt(a_prev) * beta / (1 - a)
+    c2 = math.sqrt(1 - beta) * (1 - a_prev) / (1 - a)
+    sigma = math.sqrt(beta * (1 - a_prev) / (1 - a))
+    return [x0_x, x0_m, 0.0, 0.0, 0.0, c1, 0.0, c2, sigma]
+
+
+def ddim_row(pred, t, ac, eta, stride=20):
+    """Song et al. 2021, eq. 12: prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z, eps from x and x0."""
+    a, a_prev = ac[t].item(), (ac[t - stride].item() if t >= stride else 1.0)
+    x0_x, x0_m = x0_coeffs(pred, a)
+    s = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+    return [x0_x, x0_m, 1 / math.sqrt(1 - a), 0.0, -math.sqrt(a) / math.sqrt(1 - a), math.sqrt(a_prev),
+            math.sqrt(max(1 - a_prev - s * s, 0.0)), 0.0, s]
+
+
+def table(kind, pred="epsilon", eta=0.0, steps=(999, 500, 40, 0)):
+    ac = alphas_cumprod()
+    if kind == "random":
+        return torch.randn(6, 9)
+    rows = [ddpm_row(pred, t, ac) if kind == "ddpm" else ddim_row(pred, t, ac, eta) for t in steps]
+    return torch.tensor(rows, dtype=torch.float64).float()
+
+
+VARIANTS = {
+    "ddpm-eps": ("ddpm", "epsilon", 0.0),
+    "ddpm-sample": ("ddpm", "sample", 0.0),
+    "ddpm-v": ("ddpm", "v_prediction", 0.0),
+    "ddim-eps-eta0": ("ddim", "epsilon", 0.0),
+    "ddim-v-eta1": ("ddim", "v_prediction", 1.0),
+    "ddim-sample-eta0.5": ("ddim", "sample", 0.5),
+    "random-rows": ("random", None, 0.0),
+}
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+
+
+def make(shape, dtype, layout):
+    t = torch.randn(shape).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
+def poisoned_like(t):
+    return torch.full_like(t, float("nan"))  # full_like keeps the memory format
+
+
+def run_both(sample, model_output, coeffs, step, noise_mode="tensor", clip=None, rtol=None):
+    """Kernel (into a NaN buffer) and reference on the same inputs; returns (result, reference)."""
+    n = sample.shape[0]
+    kw = dict(clip_range=clip)
+    if noise_mode == "tensor":
+        kw["noise"] = make(sample.shape, sample.dtype, "channels_last" if not sample.is_contiguous() else "nchw")
+    elif noise_mode == "philox":
+        kw["seeds"] = torch.randint(-(2**62), 2**62, (n,), dtype=torch.int64)
+        kw["noise_streams"] = torch.randint(0, 2**31, (coeffs.shape[0],), dtype=torch.int64)
+    out = poisoned_like(sample)
+    res = kernels.update_step(sample, model_output, coeffs, step, out=out, **kw)
+    assert res is out
+    ref = reference.update_step(sample, model_output, coeffs, step, **kw)
+    assert res.dtype == sample.dtype and res.stride() == ref.stride()
+    assert_close(res, ref, sample.dtype, rtol=rtol, what=f"update_step {noise_mode} clip={clip}")
+    return res, ref
+
+
+# ---- every sampler variant (explicit noise) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["noclip", "clip1"])
+def test_sampler_variants_explicit_noise(variant, clip):
+    kind, pred, eta = VARIANTS[variant]
+    coeffs = table(kind, pred, eta)
+    x = make((3, 3, 7, 5), torch.float32, "nchw")
+    m = make((3, 3, 7, 5), torch.float32, "nchw")
+    for step in range(coeffs.shape[0]):
+        run_both(x, m, coeffs, step if step % 2 else torch.tensor(step), "tensor", clip)
+
+
+# ---- dtypes x layouts x noise modes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("noise_mode", ["none", "tensor", "philox"])
+def test_dtypes_layouts_noise(dtype, layout, noise_mode):
+    """7x5 maps (numel per image 105, not a multiple of 4; channels_last takes the per-element Philox path)
+    and 8x8 maps (channels_last Philox by pixel quads)."""
+    coeffs = table("ddim", "epsilon", 1.0)
+    for i, shape in enumerate([(3, 3, 7, 5), (2, 4, 8, 8)]):
+        x, m = make(shape, dtype, layout), make(shape, dtype, layout)
+        step = 2 if i == 0 else torch.tensor(1, dtype=torch.int32)
+        run_both(x, m, coeffs, step, noise_mode, clip=1.0 if i == 1 else None)
+
+
+def test_philox_fp32_error_is_rounding_only():
+    coeffs = table("ddpm", "epsilon")
+    for layout in LAYOUTS:
+        x, m = make((2, 3, 6, 6), torch.float32, layout), make((2, 3, 6, 6), torch.float32, layout)
+        run_both(x, m, coeffs, 1, "philox", rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("noise_mode", ["none", "tensor", "philox"])
+@pytest.mark.parametrize("clip", [None, 2.0], ids=["noclip", "clip2"])
+@pytest.mark.parametrize("step_kind", ["int", "tensor"])
+def test_full_matrix(dtype, layout, noise_mode, clip, step_kind):
+    coeffs = table("random")
+    step = 3 if step_kind == "int" else torch.tensor([3])
+    for shape in [(1, 5, 3, 3), (2, 2, 4, 6)]:
+        run_both(make(shape, dtype, layout), make(shape, dtype, layout), coeffs, step, noise_mode, clip)
+
+
+# ---- step index ----------------------------------------------------------------------------------------------
+
+
+def test_step_index_forms():
+    coeffs = table("random")
+    x, m = make((2, 3, 4, 4), torch.float32, "nchw"), make((2, 3, 4, 4), torch.float32, "nchw")
+    z = torch.randn_like(x)
+    expect = reference.update_step(x, m, coeffs, 4, noise=z)
+    for step in (4, -2, torch.tensor(4), torch.tensor([4], dtype=torch.int32), torch.tensor(-2, dtype=torch.int64)):
+        got = kernels.update_step(x, m, coeffs, step, noise=z)
+        assert torch.equal(got, expect), f"step {step!r}"
+
+
+def test_device_step_is_read_at_launch():
+    """The row comes from the step tensor's current value (what a CUDA-graph replay relies on)."""
+    coeffs = table("ddpm", "v_prediction")
+    x, m = make((2, 3, 5, 5), torch.float32, "nchw"), make((2, 3, 5, 5), torch.float32, "nchw")
+    seeds = torch.tensor([11, 12])
+    streams = torch.tensor([7, 8, 9, 10])
+    step = torch.tensor(0)
+    for i in range(coeffs.shape[0]):
+        step.fill_(i)
+        got = kernels.update_step(x, m, coeffs, step, seeds=seeds, noise_streams=streams)
+        ref = reference.update_step(x, m, coeffs, i, seeds=seeds, noise_streams=streams)
+        assert_close(got, ref, torch.float32, what=f"step {i}")
+
+
+def test_out_of_range_steps():
+    coeffs = table("random")
+    x = make((1, 3, 4, 4), torch.float32, "nchw")
+    with pytest.raises(ValueError, match="outside"):
+        kernels.update_step(x, x, coeffs, coeffs.shape[0])
+    # a device index cannot be checked without a sync: the kernel reads no row and writes NaN
+    assert kernels.update_step(x, x, coeffs, torch.tensor(coeffs.shape[0])).isnan().all()
+
+
+def test_in_place_output():
+    coeffs = table("ddim", "epsilon", 0.0)
+    for layout in LAYOUTS:
+        x, m = make((2, 4, 4, 4), torch.float16, layout), make((2, 4, 4, 4), torch.float16, layout)
+        seeds, streams = torch.tensor([1, 2]), torch.arange(4)
+        expect = kernels.update_step(x, m, coeffs, 2, seeds=seeds, noise_streams=streams)
+        kernels.update_step(x, m, coeffs, 2, seeds=seeds, noise_streams=streams, out=x)
+        assert torch.equal(x, expect)
+
+
+# ---- dispatch and errors ---------------------------------------------------------------------------------------
+
+
+def test_ops_ddpm_and_ddim_dispatch():
+    x, m = make((2, 3, 6, 6), torch.bfloat16, "channels_last"), make((2, 3, 6, 6), torch.bfloat16, "channels_last")
+    seeds, streams = torch.tensor([5, 6]), torch.arange(4) + 1
+    for fn, coeffs in ((ops.ddpm_step, table("ddpm")), (ops.ddim_step, table("ddim", "epsilon", 0.3))):
+        res = fn(x, m, coeffs, torch.tensor(1), clip_range=1.0, seeds=seeds, noise_streams=streams, backend="triton")
+        ref = fn(x, m, coeffs, torch.tensor(1), clip_range=1.0, seeds=seeds, noise_streams=streams,
+                 backend="reference")
+        assert res.is_contiguous(memory_format=torch.channels_last)
+        assert_close(res, ref, torch.bfloat16)
+
+
+def test_errors_are_clear():
+    coeffs = table("random")
+    x = make((2, 3, 4, 4), torch.float32, "nchw")
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert "layout" in kernels.update_step_problem(x_cl, x, None)
+    assert "layout" in kernels.update_step_problem(x, x, x_cl)
+    assert kernels.update_step_problem(x, x, x) is None
+    with pytest.raises(ValueError, match="layout"):
+        ops.update_step(x_cl, x, coeffs, 0, backend="triton")
+    with pytest.raises(ValueError, match="float64"):
+        kernels.update_step(x.double(), x.double(), coeffs, 0)
+    with pytest.raises(ValueError, match="coeffs"):
+        kernels.update_step(x, x, coeffs.double(), 0)
+    with pytest.raises(ValueError, match="seeds"):
+        kernels.update_step(x, x, coeffs, 0, seeds=torch.tensor([1, 2], dtype=torch.int32),
+                            noise_streams=torch.arange(6))
+    with pytest.raises(ValueError, match="noise_streams"):
+        kernels.update_step(x, x, coeffs, 0, seeds=torch.tensor([1, 2]), noise_streams=torch.arange(5))
+    with pytest.raises(ValueError, match="integer"):
+        kernels.update_step(x, x, coeffs, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="out"):
+        kernels.update_step(x, x, coeffs, 0, out=x_cl)
+
+
+def test_strided_seeds_and_streams():
+    coeffs = table("ddpm")
+    x, m = make((2, 3, 4, 4), torch.float32, "nchw"), make((2, 3, 4, 4), torch.float32, "nchw")
+    seeds = torch.tensor([3, 99, 4, 98])[::2]
+    streams = (torch.arange(8, dtype=torch.int32) * 5)[::2]
+    got = kernels.update_step(x, m, coeffs, 1, seeds=seeds, noise_streams=streams)
+    ref = reference.update_step(x, m, coeffs, 1, seeds=seeds, noise_streams=streams)
+    assert_close(got, ref, torch.float32)
