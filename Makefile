@@ -3,7 +3,7 @@ VENV := .venv
 FASTDIFF := $(VENV)/bin/fastdiff
 PYTEST_ARGS ?=
 
-.PHONY: setup sample test test-quick kernels bench clean
+.PHONY: setup sample test test-quick kernels bench-cpu clean
 
 $(VENV)/.setup-runtime: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -31,3 +31,8 @@ kernels: $(VENV)/.setup-runtime
 
 clean:
 	rm -rf $(VENV) samples build *.egg-info
+
+# CPU smoke runs of both benchmarks (GPU: `fastdiff bench kernels|sampling --device cuda`).
+bench-cpu: $(VENV)/.setup-test
+	$(FASTDIFF) bench kernels --device cpu --quick
+	$(FASTDIFF) bench sampling --device cpu --quick

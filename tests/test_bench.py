@@ -1,0 +1,244 @@
+"""The benchmark harness: `fastdiff bench kernels|sampling --device cpu --quick` write valid, self-consistent reports.
+
+Every ratio in a report is recomputed here from the numbers measured in that run, every figure that was not
+measured must be null with a reason, and the byte floors and FLOP counts are recomputed independently.
+"""
+
+import json
+import math
+import statistics
+import struct
+import sys
+
+import pytest
+import torch
+
+from fastdiff import cli
+from fastdiff.bench_cli import load_bench_package
+
+load_bench_package()  # the checkout's bench/ folder, as `fastdiff bench` finds it
+
+from bench import common, gpu_check  # noqa: E402
+
+PROVENANCE_KEYS = ("command", "argv", "date_utc", "host", "platform", "python", "cpu", "cpu_threads", "device",
+                   "torch", "cuda", "triton", "xformers", "diffusers", "fastdiff", "fastdiff_commit", "gpu", "driver")
+
+
+def close(a, b):
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+
+
+def nulls_without_reason(obj, path="") -> list[str]:
+    """Paths of null figures that lack a sibling '<key>_reason' string (model configs echoed as given are exempt)."""
+    bad = []
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key == "diffusers_config":
+                continue
+            if value is None and not (isinstance(obj.get(f"{key}_reason"), str) and obj[f"{key}_reason"]):
+                bad.append(f"{path}.{key}")
+            bad += nulls_without_reason(value, f"{path}.{key}")
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            bad += nulls_without_reason(value, f"{path}[{i}]")
+    return bad
+
+
+def check_common(report: dict, out, stem: str) -> None:
+    assert nulls_without_reason(report) == []
+    prov = report["provenance"]
+    for key in PROVENANCE_KEYS:
+        assert key in prov, f"provenance lacks {key}"
+    assert prov["gpu"] is None and "CPU" in prov["gpu_reason"]
+    assert prov["device"] == "cpu" and report["settings"]["device"] == "cpu"
+    assert prov["fastdiff_commit"] == "unknown" or len(prov["fastdiff_commit"]) == 40
+    copy = report["limits"]["copy"]
+    assert copy["median_s"] == statistics.median(copy["samples_s"])
+    assert close(copy["gbps"], copy["bytes_moved"] / copy["median_s"] / 1e9)
+    assert copy["bytes_moved"] == 2 * copy["buffer_bytes"]
+    md = (out / f"{stem}.md").read_text()
+    assert "CPU" in md.splitlines()[0] and "|---|" in md
+    png = (out / f"{stem}.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width > 100 and height > 100
+
+
+def expected_floor(op: str, shape, elem: int) -> dict:
+    n, c, h, w = shape
+    numel = n * c * h * w
+    if op.startswith("group_norm"):
+        b = 2 * numel * elem + 2 * c * elem + (n * c * elem if op == "group_norm_temb_silu" else 0)
+        return {"fastdiff": b, "eager": b, "compile": b}
+    if op == "ddpm_step":  # the peers read a noise tensor; fastdiff draws its noise in the kernel
+        return {"fastdiff": 3 * numel * elem, "eager": 4 * numel * elem, "compile": 4 * numel * elem}
+    return {k: 3 * numel * elem for k in ("fastdiff", "eager", "compile")}
+
+
+@pytest.mark.slow
+def test_bench_kernels_cpu_quick(tmp_path):
+    assert cli.main(["bench", "kernels", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    assert report["schema"] == "fastdiff-bench-kernels/1"
+    check_common(report, tmp_path, "kernels")
+    copy_gbps = report["limits"]["copy"]["gbps"]
+    cases = report["cases"]
+    assert {c["op"] for c in cases} == {"group_norm_silu", "group_norm_temb_silu", "group_norm", "ddpm_step",
+                                        "ddim_step"}
+    compiled = 0
+    for c in cases:
+        assert c["dtype"] in ("float32", "float16", "bfloat16") and c["layout"] in ("nchw", "channels_last")
+        assert c["input_sets"] >= 2, "inputs must rotate over several sets"
+        floors = expected_floor(c["op"], c["shape"], c["elem_bytes"])
+        impls = c["impls"]
+        assert set(impls) == {"fastdiff", "eager", "compile"}
+        # no CUDA: the Triton kernel is not timed, and says why
+        assert impls["fastdiff"]["median_s"] is None and "CUDA" in impls["fastdiff"]["median_s_reason"]
+        assert impls["eager"]["status"] == "ok"
+        for name, r in impls.items():
+            assert r["floor_bytes"] == floors[name]
+            if r["median_s"] is None:
+                assert r["gbps"] is None and r["fraction_of_copy"] is None
+                continue
+            compiled += name == "compile"
+            assert len(r["samples_s"]) == r["repeats"] >= 5 and min(r["samples_s"]) > 0
+            assert r["median_s"] == statistics.median(r["samples_s"])
+            assert close(r["gbps"], r["floor_bytes"] / r["median_s"] / 1e9)
+            assert close(r["fraction_of_copy"], r["gbps"] / copy_gbps)
+            assert r["rel_error_vs_reference"] <= r["tolerance"], f"{c['op']} {name} computes something else"
+        med = {k: v["median_s"] for k, v in impls.items()}
+        for key, num, den in (("speedup_vs_eager", "eager", "fastdiff"), ("speedup_vs_compile", "compile", "fastdiff"),
+                              ("compile_speedup_vs_eager", "eager", "compile")):
+            if med[num] is None or med[den] is None:
+                assert c[key] is None
+            else:
+                assert close(c[key], med[num] / med[den])
+    assert compiled >= 1 or all("compile" in c["impls"]["compile"]["median_s_reason"] for c in cases)
+    headlines = gpu_check.kernel_headlines(tmp_path / "kernels.json")
+    assert headlines["cases"] == len(cases) and headlines["ddpm_step"]["median_speedup_vs_eager"] is None
+
+
+@pytest.mark.slow
+def test_bench_sampling_cpu_quick(tmp_path):
+    from fastdiff.shapes import flops_per_image
+    from fastdiff.unet import UNetConfig
+
+    from bench.sampling import MODEL_CONFIGS
+
+    assert cli.main(["bench", "sampling", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "sampling.json").read_text())
+    assert report["schema"] == "fastdiff-bench-sampling/1"
+    check_common(report, tmp_path, "sampling")
+    matmul = report["limits"]["matmul"]
+    assert matmul["median_s"] == statistics.median(matmul["samples_s"])
+    assert close(matmul["tflops"], 2 * matmul["n"] ** 3 / matmul["median_s"] / 1e12)
+    assert report["gpu"]["measured"] is False
+    for name, m in report["models"].items():
+        cfg = UNetConfig.from_diffusers_config(MODEL_CONFIGS[name])
+        assert m["flops"]["fastdiff"] == flops_per_image(cfg) > 0
+        assert m["flops"]["diffusers"] == m["flops"]["fastdiff"], "the two UNets must be the same network"
+        assert m["params"] == m["params_diffusers"] > 0
+    runs = report["runs"]
+    modes = {r["mode"] for r in runs}
+    assert modes == {"reference", "triton", "triton+graphs", "diffusers", "compile"}
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["model"], r["scheduler"], r["steps"], r["batch"]), {})[r["mode"]] = r
+    for (model, sched, steps, batch), by_mode in groups.items():
+        for mode in ("reference", "diffusers"):
+            assert by_mode[mode]["status"] == "ok", by_mode[mode].get("reason")
+        for mode in ("triton", "triton+graphs"):
+            assert by_mode[mode]["median_s"] is None and "CUDA" in by_mode[mode]["median_s_reason"]
+        for mode, r in by_mode.items():
+            for key in ("speedup_vs_diffusers", "speedup_vs_reference", "speedup_vs_compile"):
+                peer = by_mode[key.removeprefix("speedup_vs_")]
+                if r["median_s"] is None or peer["median_s"] is None:
+                    assert r[key] is None
+                else:
+                    assert close(r[key], peer["median_s"] / r["median_s"])
+            if r["median_s"] is None:
+                assert r["images_per_s"] is None and r["tflops"] is None and r["energy_per_image_j"] is None
+                continue
+            assert len(r["samples_s"]) == r["repeats"] >= 1 and r["median_s"] == statistics.median(r["samples_s"])
+            assert close(r["images_per_s"], batch / r["median_s"])
+            assert close(r["step_latency_s"], r["median_s"] / steps)
+            flops = report["models"][model]["flops"]["diffusers" if mode == "diffusers" else "fastdiff"]
+            assert r["flops_per_image_step"] == flops
+            assert close(r["tflops"], flops * batch * steps / r["median_s"] / 1e12)
+            assert close(r["fraction_of_matmul"], r["tflops"] / matmul["tflops"])
+            # not measurable on the CPU: null with a reason (checked by nulls_without_reason above)
+            assert r["peak_memory_bytes"] is None and r["energy_per_image_j"] is None and r["avg_power_w"] is None
+        # same weights, same input: diffusers' UNet computes what fastdiff's reference UNet computes
+        assert by_mode["reference"]["forward_rel_error_vs_reference"] == 0.0
+        assert by_mode["diffusers"]["forward_rel_error_vs_reference"] < 1e-5
+    headlines = gpu_check.sampling_headlines(tmp_path / "sampling.json")
+    assert len(headlines) == len(groups)
+
+
+# ----------------------------------------------------------------------------------------- helpers and errors
+def test_put_requires_a_reason_for_missing_figures():
+    rec = {}
+    common.put(rec, "gbps", None, "not measured: no CUDA")
+    assert rec == {"gbps": None, "gbps_reason": "not measured: no CUDA"}
+    common.put(rec, "gbps", 2.5)
+    assert rec == {"gbps": 2.5}, "a stale reason must go once the figure is measured"
+    with pytest.raises(ValueError, match="no reason"):
+        common.put(rec, "tflops", None)
+    common.put(rec, "ratio", float("nan"))
+    assert rec["ratio"] is None and "nan" in rec["ratio_reason"]
+    assert common.ratio(3.0, 2.0) == 1.5 and common.ratio(None, 2.0) is None and common.ratio(1.0, 0.0) is None
+
+
+def test_json_is_written_atomically_and_rejects_nan(tmp_path):
+    path = tmp_path / "r.json"
+    common.write_json_atomic(path, {"a": 1.5})
+    with pytest.raises(ValueError):
+        common.write_json_atomic(path, {"a": float("nan")})
+    assert json.loads(path.read_text()) == {"a": 1.5}, "a failed write must leave the previous report intact"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"], "no temporary file may be left behind"
+
+
+def test_time_calls_rotates_inputs_and_reports_the_median():
+    seen = []
+    sets = [(torch.randn(8),) for _ in range(3)]
+    timing = common.time_calls(lambda x: seen.append(id(x)), sets, torch.device("cpu"), target_s=0.001,
+                               min_reps=7, max_reps=7)
+    assert timing["repeats"] == 7 == len(timing["samples_s"]) and timing["input_sets"] == 3
+    assert timing["median_s"] == statistics.median(timing["samples_s"])
+    assert len(set(seen[-7:])) == 3, "timed calls must cycle through every input set"
+
+
+def test_bench_cli_errors(monkeypatch, tmp_path, capsys):
+    from fastdiff import bench_cli
+
+    assert cli.main(["bench", "nonsense"]) == 2
+    assert "unknown bench command" in capsys.readouterr().err
+    assert cli.main(["bench", "kernels", "--device", "cpu", "--dtypes", "float64"]) == 2
+    assert "--dtypes" in capsys.readouterr().err
+    monkeypatch.setattr(bench_cli, "bench_dir", lambda: str(tmp_path / "missing"))
+    monkeypatch.delitem(sys.modules, "bench", raising=False)
+    with pytest.raises(FileNotFoundError, match="benchmarks are not installed"):
+        bench_cli.load_bench_package()
+
+
+def test_bench_cuda_without_gpu_is_a_one_line_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    assert cli.main(["bench", "sampling", "--device", "cuda", "--quick"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_gpu_check_needs_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the check would run for real")
+    assert gpu_check.main([str(tmp_path / "out")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_part_timeout_kills_the_part(tmp_path):
+    with open(tmp_path / "log", "w") as log:
+        result = gpu_check.run_part("sleeper", [sys.executable, "-c", "print('started', flush=True); "
+                                                "import time; time.sleep(60)"], 2, log)
+    assert result["timed_out"] and not result["passed"] and result["seconds"] < 30
+    assert "started" in (tmp_path / "log").read_text()
