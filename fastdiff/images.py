@@ -57,8 +57,14 @@ def save_images(images: torch.Tensor, out_dir: str, indices) -> list[str]:
     return paths
 
 
+GRID_MIN_CELL = 64  # pixels: smaller images are enlarged (nearest neighbour) in the grid so people can see them
+
+
 def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> Image.Image:
-    """uint8 [N, H, W, C] -> one grid picture, ``ncols`` wide (default: square)."""
+    """uint8 [N, H, W, C] -> one grid picture, ``ncols`` wide (default: square); tiny images enlarged."""
+    scale = max(1, GRID_MIN_CELL // max(images.shape[1:3]))
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = images.shape
     ncols = ncols or math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
