@@ -5,10 +5,6 @@ The quick test compiles one variant per kernel; the full sweep (about 160 compil
 2 cores) is marked slow.
 """
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # like the other kernel tests; compile workers start without it
-
 import json
 
 import pytest

@@ -1,14 +1,15 @@
-"""GroupNorm(+add)(+SiLU) Triton kernels against the reference, under the Triton interpreter on the CPU.
+"""GroupNorm(+add)(+SiLU) Triton kernels against the reference: compiled on a CUDA GPU when there is one, else
+under the Triton interpreter on the CPU (tests/kernel_device.py decides).
 
 Tolerance: fastdiff.testing.RTOL for the output dtype (relative Frobenius error against the float32
-reference). Inputs are fresh random every run; every output buffer starts as NaN, so an element the kernel
-forgets to write fails the comparison. Shapes are small because the interpreter runs programs one by one;
-the split path is forced on small shapes with explicit tile sizes (``split_plan``).
+reference, computed from the same inputs on the same device). Inputs are fresh random every run; every output
+buffer starts as NaN, so an element the kernel forgets to write fails the comparison. Shapes are small because
+the interpreter runs programs one by one; the split path is forced on small shapes with explicit tile sizes
+(``split_plan``). On a GPU, gpu-marked tests add realistic UNet shapes.
 """
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported anywhere in this process
+# first: settles TRITON_INTERPRET before the kernel modules load
+from kernel_device import DEVICE, gpu_only, randn
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ LAYOUTS = ["nchw", "channels_last"]
 
 
 def make_input(shape, dtype, layout, mean=0.5, std=2.0):
-    x = (torch.randn(shape) * std + mean).to(dtype)
+    x = randn(*shape, dtype=dtype, mean=mean, std=std)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -32,15 +33,15 @@ def make_input(shape, dtype, layout, mean=0.5, std=2.0):
 
 def poisoned_like(x):
     fmt = torch.channels_last if (x.dim() == 4 and not x.is_contiguous()) else torch.contiguous_format
-    return torch.full(x.shape, float("nan"), dtype=x.dtype).contiguous(memory_format=fmt)
+    return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
 
 
 def check(x, groups, *, weight=True, bias=True, add=None, silu=False, plan=None, param_dtype=None, eps=1e-5):
     """Run the kernel into a NaN-filled buffer and compare with the reference; returns the output."""
     c = x.shape[1]
     pdt = param_dtype or x.dtype
-    w = torch.randn(c).to(pdt) if weight else None
-    b = torch.randn(c).to(pdt) if bias else None
+    w = randn(c, dtype=pdt) if weight else None
+    b = randn(c, dtype=pdt) if bias else None
     out = poisoned_like(x)
     res = kernels.group_norm(x, groups, w, b, eps, add=add, silu=silu, out=out, plan=plan)
     assert res is out
@@ -61,7 +62,7 @@ def test_single_path_c96_3groups_7x5(dtype, layout):
     """C=96 in 3 groups on a 7x5 map, N=3: one program per (sample, group), add and silu fused."""
     x = make_input((3, 96, 7, 5), dtype, layout)
     assert plan_group_norm(3, 96, 35, 3, layout == "channels_last").path == "single"
-    check(x, 3, add=torch.randn(3, 96).to(dtype), silu=True)
+    check(x, 3, add=randn(3, 96, dtype=dtype), silu=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
@@ -72,7 +73,7 @@ def test_split_path_groups_larger_than_a_tile(dtype, layout):
     x = make_input((3, 12, 7, 5), dtype, layout)
     plan = split_plan(12, 35, 3, block_c=16, block_p=16, tiles_per_chunk=2)
     assert plan.n_chunks == 2
-    check(x, 3, add=torch.randn(3, 12, 1, 1).to(dtype), silu=True, plan=plan)
+    check(x, 3, add=randn(3, 12, 1, 1, dtype=dtype), silu=True, plan=plan)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -80,7 +81,7 @@ def test_split_path_channel_blocks_smaller_than_group(layout):
     """Channel tiles (4) narrower than the group (8 channels), groups = 1 and 2."""
     x = make_input((2, 16, 6, 6), torch.float32, layout)
     check(x, 2, silu=True, plan=split_plan(16, 36, 2, block_c=4, block_p=16, tiles_per_chunk=1))
-    check(x, 1, add=torch.randn(2, 16), plan=split_plan(16, 36, 1, block_c=8, block_p=8, tiles_per_chunk=4))
+    check(x, 1, add=randn(2, 16), plan=split_plan(16, 36, 1, block_c=8, block_p=8, tiles_per_chunk=4))
 
 
 # ---- labelled edge cases ---------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def test_groups_one_and_groups_equal_channels(path, layout):
 def test_batch_one(path):
     x = make_input((1, 6, 4, 9), torch.float16, "nchw")
     plan = None if path == "single" else split_plan(6, 36, 3, block_c=8, block_p=16, tiles_per_chunk=2)
-    check(x, 3, add=torch.randn(1, 6, dtype=torch.float16), plan=plan)
+    check(x, 3, add=randn(1, 6, dtype=torch.float16), plan=plan)
 
 
 def test_3d_and_2d_inputs():
@@ -107,7 +108,7 @@ def test_3d_and_2d_inputs():
     check(make_input((2, 6, 10), torch.float32, "nchw"), 3, silu=True)
     check(make_input((3, 8, 10), torch.float32, "nchw"), 2,
           plan=split_plan(8, 10, 2, block_c=4, block_p=4, tiles_per_chunk=2))
-    check(make_input((4, 6), torch.float32, "nchw"), 2, add=torch.randn(4, 6))
+    check(make_input((4, 6), torch.float32, "nchw"), 2, add=randn(4, 6))
 
 
 @pytest.mark.parametrize("path", ["single", "split"])
@@ -116,18 +117,18 @@ def test_weight_bias_optional(path):
     plan = None if path == "single" else split_plan(8, 16, 4, block_c=8, block_p=8, tiles_per_chunk=1)
     check(x, 4, weight=False, bias=False, plan=plan)
     check(x, 4, weight=True, bias=False, silu=True, plan=plan)
-    check(x, 4, weight=False, bias=True, add=torch.randn(2, 8), plan=plan)
+    check(x, 4, weight=False, bias=True, add=randn(2, 8), plan=plan)
 
 
 def test_mixed_dtypes_fp32_params_and_add_with_fp16_x():
     x = make_input((2, 8, 6, 6), torch.float16, "nchw")
-    check(x, 4, add=torch.randn(2, 8), silu=True, param_dtype=torch.float32)
+    check(x, 4, add=randn(2, 8), silu=True, param_dtype=torch.float32)
 
 
 def test_non_contiguous_add():
     """add sliced out of a wider tensor (row stride != C) is read in place."""
     x = make_input((2, 8, 3, 3), torch.float32, "nchw")
-    wide = torch.randn(2, 20)
+    wide = randn(2, 20)
     check(x, 2, add=wide[:, 4:12])
     check(x, 2, add=wide[:, 4:12], plan=split_plan(8, 9, 2, block_c=4, block_p=4, tiles_per_chunk=1))
 
@@ -141,7 +142,7 @@ def test_large_mean_variance_is_robust(path, layout):
     3e-5, and that error shifts every normalised value by (its error) / std.
     """
     x = make_input((2, 8, 8, 8), torch.float32, layout, mean=1000.0, std=1.0)
-    w, b = torch.randn(8), torch.randn(8)
+    w, b = randn(8), randn(8)
     plan = None if path == "single" else split_plan(8, 64, 2, block_c=4, block_p=16, tiles_per_chunk=2)
     res = kernels.group_norm(x, 2, w, b, 1e-5, plan=plan)
     exact = F.group_norm(x.double(), 2, w.double(), b.double(), 1e-5)
@@ -155,7 +156,7 @@ def test_large_mean_variance_is_robust(path, layout):
 
 def test_split_path_is_deterministic_and_in_place():
     x = make_input((2, 8, 8, 8), torch.float32, "nchw")
-    w, b, add = torch.randn(8), torch.randn(8), torch.randn(2, 8)
+    w, b, add = randn(8), randn(8), randn(2, 8)
     plan = split_plan(8, 64, 2, block_c=4, block_p=16, tiles_per_chunk=2)
     first = kernels.group_norm(x, 2, w, b, add=add, silu=True, plan=plan)
     second = kernels.group_norm(x, 2, w, b, add=add, silu=True, plan=plan)
@@ -170,7 +171,7 @@ def test_split_path_is_deterministic_and_in_place():
 
 def test_ops_dispatch_triton_backend():
     x = make_input((2, 8, 5, 5), torch.bfloat16, "channels_last")
-    w, b, add = torch.randn(8), torch.randn(8), torch.randn(2, 8, 1, 1)
+    w, b, add = randn(8), randn(8), randn(2, 8, 1, 1)
     res = ops.group_norm(x, 4, w, b, add=add, silu=True, backend="triton")
     ref = ops.group_norm(x, 4, w, b, add=add, silu=True, backend="reference")
     assert res.is_contiguous(memory_format=torch.channels_last)
@@ -203,20 +204,42 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="divisor"):
         kernels.group_norm(x, 4, None, None)
     with pytest.raises(ValueError, match="dtype"):
-        kernels.group_norm(torch.randint(0, 5, (2, 6, 4, 4)), 3, None, None)
+        kernels.group_norm(torch.randint(0, 5, (2, 6, 4, 4), device=DEVICE), 3, None, None)
     with pytest.raises(ValueError, match="float64"):
         ops.group_norm(x.double(), 3, backend="triton")
     with pytest.raises(ValueError, match="shape"):
-        kernels.group_norm(x, 3, torch.randn(5), None)
+        kernels.group_norm(x, 3, randn(5), None)
     with pytest.raises(ValueError, match="add"):
-        kernels.group_norm(x, 3, None, None, add=torch.randn(2, 5))
+        kernels.group_norm(x, 3, None, None, add=randn(2, 5))
     with pytest.raises(ValueError, match="out"):
-        kernels.group_norm(x, 3, None, None, out=torch.empty(2, 6, 4, 4, dtype=torch.float16))
-    strided = torch.randn(2, 4, 4, 6).permute(0, 3, 2, 1)  # neither NCHW-contiguous nor channels_last
+        kernels.group_norm(x, 3, None, None, out=torch.empty(2, 6, 4, 4, dtype=torch.float16, device=DEVICE))
+    strided = randn(2, 4, 4, 6).permute(0, 3, 2, 1)  # neither NCHW-contiguous nor channels_last
     assert "neither" in kernels.group_norm_problem(strided, None, None, None)
     with pytest.raises(ValueError, match="neither"):
         ops.group_norm(strided, 3, backend="triton")
     assert kernels.group_norm_problem(x, None, None, None) is None
+
+
+# ---- realistic UNet shapes (GPU only) ---------------------------------------------------------------------------
+
+
+@gpu_only
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_large_group_split_path(layout):
+    """2x128x256x256 float16 in 32 groups (262144 elements a group, the LSUN-256 UNet's first stage): the
+    launcher's own split plan, time-embedding add and SiLU fused, against the float32 reference."""
+    x = make_input((2, 128, 256, 256), torch.float16, layout)
+    assert plan_group_norm(2, 128, 256 * 256, 32, layout == "channels_last").path == "split"
+    check(x, 32, add=randn(2, 128, dtype=torch.float16), silu=True)
+
+
+@gpu_only
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_batch_16_single_path(layout):
+    """16x256x32x32 bfloat16 in 32 groups (8192 elements a group, the largest the single path takes)."""
+    x = make_input((16, 256, 32, 32), torch.bfloat16, layout)
+    assert plan_group_norm(16, 256, 32 * 32, 32, layout == "channels_last").path == "single"
+    check(x, 32, add=randn(16, 256, 1, 1), silu=True, param_dtype=torch.float32)
 
 
 # ---- wider sweeps (slow) ---------------------------------------------------------------------------------------
@@ -230,7 +253,7 @@ def test_errors_are_clear():
 def test_sweep_both_paths(dtype, layout, add_shape, silu):
     n, c, groups = 3, 24, 3
     x = make_input((n, c, 7, 5), dtype, layout)
-    add = None if add_shape is None else torch.randn(n, c).to(dtype)
+    add = None if add_shape is None else randn(n, c, dtype=dtype)
     if add_shape == "nc11":
         add = add.reshape(n, c, 1, 1)
     check(x, groups, add=add, silu=silu)

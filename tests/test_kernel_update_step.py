@@ -1,15 +1,16 @@
-"""Fused DDPM/DDIM update-step kernel against the reference, under the Triton interpreter on the CPU.
+"""Fused DDPM/DDIM update-step kernel against the reference: compiled on a CUDA GPU when there is one, else under
+the Triton interpreter on the CPU (tests/kernel_device.py decides).
 
-Tolerance: fastdiff.testing.RTOL for the sample dtype. With no noise or a noise tensor the float32 result
-matches the reference to rounding (same operation order, no FMA contraction). With in-kernel Philox noise
-the Gaussian values differ from the reference's torch log/cos/sin by float32 rounding only (~1e-7 relative;
-on a GPU the fast sqrt and division add about as much), so the same RTOL applies and float32 is also held
-to 1e-6. Inputs are fresh random every run and outputs start as NaN.
+Tolerance: fastdiff.testing.RTOL for the sample dtype, against the reference computed upcast from the same
+inputs on the same device. With no noise or a noise tensor the float32 result matches the reference to rounding
+(same operation order, no FMA contraction), on the GPU too. With in-kernel Philox noise the Gaussian values
+differ from the reference's torch log/cos/sin by float32 rounding only, so the same RTOL applies and float32 is
+also held to kernel_device.PHILOX_F32_RTOL (1e-6 under the interpreter, 2e-6 on the GPU: see there). Inputs are
+fresh random every run and outputs start as NaN.
 """
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported anywhere in this process
+# first: settles TRITON_INTERPRET before the kernel modules load
+from kernel_device import DEVICE, PHILOX_F32_RTOL, gpu_only, randn
 
 import math
 
@@ -29,7 +30,7 @@ LAYOUTS = ["nchw", "channels_last"]
 
 
 def alphas_cumprod(T=1000):
-    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64, device="cpu")  # host-side, like a scheduler
     return torch.cumprod(1 - betas, 0)
 
 
@@ -67,9 +68,9 @@ def ddim_row(pred, t, ac, eta, stride=20):
 def table(kind, pred="epsilon", eta=0.0, steps=(999, 500, 40, 0)):
     ac = alphas_cumprod()
     if kind == "random":
-        return torch.randn(6, 9)
+        return randn(6, 9)
     rows = [ddpm_row(pred, t, ac) if kind == "ddpm" else ddim_row(pred, t, ac, eta) for t in steps]
-    return torch.tensor(rows, dtype=torch.float64).float()
+    return torch.tensor(rows, dtype=torch.float64, device=DEVICE).float()
 
 
 VARIANTS = {
@@ -87,7 +88,7 @@ VARIANTS = {
 
 
 def make(shape, dtype, layout):
-    t = torch.randn(shape).to(dtype)
+    t = randn(*shape, dtype=dtype)
     return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
 
 
@@ -102,8 +103,8 @@ def run_both(sample, model_output, coeffs, step, noise_mode="tensor", clip=None,
     if noise_mode == "tensor":
         kw["noise"] = make(sample.shape, sample.dtype, "channels_last" if not sample.is_contiguous() else "nchw")
     elif noise_mode == "philox":
-        kw["seeds"] = torch.randint(-(2**62), 2**62, (n,), dtype=torch.int64)
-        kw["noise_streams"] = torch.randint(0, 2**31, (coeffs.shape[0],), dtype=torch.int64)
+        kw["seeds"] = torch.randint(-(2**62), 2**62, (n,), dtype=torch.int64, device=DEVICE)
+        kw["noise_streams"] = torch.randint(0, 2**31, (coeffs.shape[0],), dtype=torch.int64, device=DEVICE)
     out = poisoned_like(sample)
     res = kernels.update_step(sample, model_output, coeffs, step, out=out, **kw)
     assert res is out
@@ -124,7 +125,7 @@ def test_sampler_variants_explicit_noise(variant, clip):
     x = make((3, 3, 7, 5), torch.float32, "nchw")
     m = make((3, 3, 7, 5), torch.float32, "nchw")
     for step in range(coeffs.shape[0]):
-        run_both(x, m, coeffs, step if step % 2 else torch.tensor(step), "tensor", clip)
+        run_both(x, m, coeffs, step if step % 2 else torch.tensor(step, device=DEVICE), "tensor", clip)
 
 
 # ---- dtypes x layouts x noise modes ------------------------------------------------------------------------
@@ -139,15 +140,16 @@ def test_dtypes_layouts_noise(dtype, layout, noise_mode):
     coeffs = table("ddim", "epsilon", 1.0)
     for i, shape in enumerate([(3, 3, 7, 5), (2, 4, 8, 8)]):
         x, m = make(shape, dtype, layout), make(shape, dtype, layout)
-        step = 2 if i == 0 else torch.tensor(1, dtype=torch.int32)
+        step = 2 if i == 0 else torch.tensor(1, dtype=torch.int32, device=DEVICE)
         run_both(x, m, coeffs, step, noise_mode, clip=1.0 if i == 1 else None)
 
 
 def test_philox_fp32_error_is_rounding_only():
+    """float32 with Philox noise held to PHILOX_F32_RTOL, far inside RTOL[float32] = 1e-5."""
     coeffs = table("ddpm", "epsilon")
     for layout in LAYOUTS:
         x, m = make((2, 3, 6, 6), torch.float32, layout), make((2, 3, 6, 6), torch.float32, layout)
-        run_both(x, m, coeffs, 1, "philox", rtol=1e-6)
+        run_both(x, m, coeffs, 1, "philox", rtol=PHILOX_F32_RTOL)
 
 
 @pytest.mark.slow
@@ -158,9 +160,21 @@ def test_philox_fp32_error_is_rounding_only():
 @pytest.mark.parametrize("step_kind", ["int", "tensor"])
 def test_full_matrix(dtype, layout, noise_mode, clip, step_kind):
     coeffs = table("random")
-    step = 3 if step_kind == "int" else torch.tensor([3])
+    step = 3 if step_kind == "int" else torch.tensor([3], device=DEVICE)
     for shape in [(1, 5, 3, 3), (2, 2, 4, 6)]:
         run_both(make(shape, dtype, layout), make(shape, dtype, layout), coeffs, step, noise_mode, clip)
+
+
+@gpu_only
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("noise_mode", ["none", "tensor", "philox"])
+def test_gpu_realistic_batch(layout, noise_mode):
+    """16x3x256x256 float16 (the LSUN-256 latent at batch 16) through a 1000-step DDPM table, device step index:
+    many programs per image and, for channels_last Philox, the pixel-quad kernel across 3 channels."""
+    ac = alphas_cumprod()
+    coeffs = torch.tensor([ddpm_row("epsilon", t, ac) for t in range(1000)], dtype=torch.float64, device=DEVICE).float()
+    x, m = make((16, 3, 256, 256), torch.float16, layout), make((16, 3, 256, 256), torch.float16, layout)
+    run_both(x, m, coeffs, torch.tensor(617, device=DEVICE), noise_mode, clip=1.0)
 
 
 # ---- step index ----------------------------------------------------------------------------------------------
@@ -171,7 +185,9 @@ def test_step_index_forms():
     x, m = make((2, 3, 4, 4), torch.float32, "nchw"), make((2, 3, 4, 4), torch.float32, "nchw")
     z = torch.randn_like(x)
     expect = reference.update_step(x, m, coeffs, 4, noise=z)
-    for step in (4, -2, torch.tensor(4), torch.tensor([4], dtype=torch.int32), torch.tensor(-2, dtype=torch.int64)):
+    device_steps = (torch.tensor(4, device=DEVICE), torch.tensor([4], dtype=torch.int32, device=DEVICE),
+                    torch.tensor(-2, dtype=torch.int64, device=DEVICE))
+    for step in (4, -2, *device_steps):
         got = kernels.update_step(x, m, coeffs, step, noise=z)
         assert torch.equal(got, expect), f"step {step!r}"
 
@@ -180,9 +196,9 @@ def test_device_step_is_read_at_launch():
     """The row comes from the step tensor's current value (what a CUDA-graph replay relies on)."""
     coeffs = table("ddpm", "v_prediction")
     x, m = make((2, 3, 5, 5), torch.float32, "nchw"), make((2, 3, 5, 5), torch.float32, "nchw")
-    seeds = torch.tensor([11, 12])
-    streams = torch.tensor([7, 8, 9, 10])
-    step = torch.tensor(0)
+    seeds = torch.tensor([11, 12], device=DEVICE)
+    streams = torch.tensor([7, 8, 9, 10], device=DEVICE)
+    step = torch.tensor(0, device=DEVICE)
     for i in range(coeffs.shape[0]):
         step.fill_(i)
         got = kernels.update_step(x, m, coeffs, step, seeds=seeds, noise_streams=streams)
@@ -196,14 +212,14 @@ def test_out_of_range_steps():
     with pytest.raises(ValueError, match="outside"):
         kernels.update_step(x, x, coeffs, coeffs.shape[0])
     # a device index cannot be checked without a sync: the kernel reads no row and writes NaN
-    assert kernels.update_step(x, x, coeffs, torch.tensor(coeffs.shape[0])).isnan().all()
+    assert kernels.update_step(x, x, coeffs, torch.tensor(coeffs.shape[0], device=DEVICE)).isnan().all()
 
 
 def test_in_place_output():
     coeffs = table("ddim", "epsilon", 0.0)
     for layout in LAYOUTS:
         x, m = make((2, 4, 4, 4), torch.float16, layout), make((2, 4, 4, 4), torch.float16, layout)
-        seeds, streams = torch.tensor([1, 2]), torch.arange(4)
+        seeds, streams = torch.tensor([1, 2], device=DEVICE), torch.arange(4, device=DEVICE)
         expect = kernels.update_step(x, m, coeffs, 2, seeds=seeds, noise_streams=streams)
         kernels.update_step(x, m, coeffs, 2, seeds=seeds, noise_streams=streams, out=x)
         assert torch.equal(x, expect)
@@ -214,11 +230,11 @@ def test_in_place_output():
 
 def test_ops_ddpm_and_ddim_dispatch():
     x, m = make((2, 3, 6, 6), torch.bfloat16, "channels_last"), make((2, 3, 6, 6), torch.bfloat16, "channels_last")
-    seeds, streams = torch.tensor([5, 6]), torch.arange(4) + 1
+    seeds, streams = torch.tensor([5, 6], device=DEVICE), torch.arange(4, device=DEVICE) + 1
     for fn, coeffs in ((ops.ddpm_step, table("ddpm")), (ops.ddim_step, table("ddim", "epsilon", 0.3))):
-        res = fn(x, m, coeffs, torch.tensor(1), clip_range=1.0, seeds=seeds, noise_streams=streams, backend="triton")
-        ref = fn(x, m, coeffs, torch.tensor(1), clip_range=1.0, seeds=seeds, noise_streams=streams,
-                 backend="reference")
+        step = torch.tensor(1, device=DEVICE)
+        res = fn(x, m, coeffs, step, clip_range=1.0, seeds=seeds, noise_streams=streams, backend="triton")
+        ref = fn(x, m, coeffs, step, clip_range=1.0, seeds=seeds, noise_streams=streams, backend="reference")
         assert res.is_contiguous(memory_format=torch.channels_last)
         assert_close(res, ref, torch.bfloat16)
 
@@ -237,12 +253,13 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="coeffs"):
         kernels.update_step(x, x, coeffs.double(), 0)
     with pytest.raises(ValueError, match="seeds"):
-        kernels.update_step(x, x, coeffs, 0, seeds=torch.tensor([1, 2], dtype=torch.int32),
-                            noise_streams=torch.arange(6))
+        kernels.update_step(x, x, coeffs, 0, seeds=torch.tensor([1, 2], dtype=torch.int32, device=DEVICE),
+                            noise_streams=torch.arange(6, device=DEVICE))
     with pytest.raises(ValueError, match="noise_streams"):
-        kernels.update_step(x, x, coeffs, 0, seeds=torch.tensor([1, 2]), noise_streams=torch.arange(5))
+        kernels.update_step(x, x, coeffs, 0, seeds=torch.tensor([1, 2], device=DEVICE),
+                            noise_streams=torch.arange(5, device=DEVICE))
     with pytest.raises(ValueError, match="integer"):
-        kernels.update_step(x, x, coeffs, torch.tensor(1.0))
+        kernels.update_step(x, x, coeffs, torch.tensor(1.0, device=DEVICE))
     with pytest.raises(ValueError, match="out"):
         kernels.update_step(x, x, coeffs, 0, out=x_cl)
 
@@ -250,8 +267,8 @@ def test_errors_are_clear():
 def test_strided_seeds_and_streams():
     coeffs = table("ddpm")
     x, m = make((2, 3, 4, 4), torch.float32, "nchw"), make((2, 3, 4, 4), torch.float32, "nchw")
-    seeds = torch.tensor([3, 99, 4, 98])[::2]
-    streams = (torch.arange(8, dtype=torch.int32) * 5)[::2]
+    seeds = torch.tensor([3, 99, 4, 98], device=DEVICE)[::2]
+    streams = (torch.arange(8, dtype=torch.int32, device=DEVICE) * 5)[::2]
     got = kernels.update_step(x, m, coeffs, 1, seeds=seeds, noise_streams=streams)
     ref = reference.update_step(x, m, coeffs, 1, seeds=seeds, noise_streams=streams)
     assert_close(got, ref, torch.float32)
