@@ -55,10 +55,7 @@ class SamplingPlan:
 
     def __init__(self, scheduler, steps: int, eta: float, device: torch.device):
         self.scheduler = copy.deepcopy(scheduler)
-        if eta:
-            self.scheduler.set_timesteps(steps, device=device, eta=eta)
-        else:
-            self.scheduler.set_timesteps(steps, device=device)
+        self.scheduler.set_timesteps(steps, device=device, eta=eta)
         self.steps = steps
         self.eta = eta
         self.timesteps = self.scheduler.timesteps.to(device)
