@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 
+from .fileio import atomic_write, atomic_write_text
 from .unet import UNet, UNetConfig
 
 FORMAT_KEY = "fastdiff_unet"
@@ -34,36 +34,6 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, write) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``path``, fsync it, then rename it over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
 def save_checkpoint(model: UNet, directory, extra_metadata: dict | None = None) -> str:
     """Write ``model`` to ``directory`` (created if needed) as config.json + model.safetensors, each atomically.
 
@@ -88,13 +58,9 @@ def save_checkpoint(model: UNet, directory, extra_metadata: dict | None = None) 
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "pt", FORMAT_KEY: str(FORMAT_VERSION)}
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    _atomic_write(os.path.join(directory, CONFIG_NAME), write_json)
+    atomic_write_text(os.path.join(directory, CONFIG_NAME), text)
     return directory
 
 

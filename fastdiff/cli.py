@@ -45,14 +45,14 @@ def _unit_float(text: str) -> float:
     return value
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _bool_list(text: str) -> tuple[bool, ...]:
+def bool_list(text: str) -> tuple[bool, ...]:
     words = {"1": True, "true": True, "t": True, "yes": True, "0": False, "false": False, "f": False, "no": False}
     try:
         return tuple(words[v.strip().lower()] for v in text.split(",") if v.strip())
@@ -153,8 +153,8 @@ def _add_shapes(sub):
     p.add_argument("--image-size", type=_positive_int, default=32)
     p.add_argument("--image-channels", type=_positive_int, default=3)
     p.add_argument("--n-channels", type=_positive_int, default=64)
-    p.add_argument("--ch-mults", type=_int_list, default=(1, 2, 2, 4))
-    p.add_argument("--is-attn", type=_bool_list, default=None, help="per level, e.g. 0,0,1,1 (default: none)")
+    p.add_argument("--ch-mults", type=int_list, default=(1, 2, 2, 4))
+    p.add_argument("--is-attn", type=bool_list, default=None, help="per level, e.g. 0,0,1,1 (default: none)")
     p.add_argument("--n-blocks", type=_positive_int, default=2)
     p.add_argument("--norm-groups", type=_positive_int, default=32)
     p.add_argument("--batch-size", type=_positive_int, default=1)

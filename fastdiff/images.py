@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .fileio import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -27,20 +28,8 @@ def _pil(image: np.ndarray) -> Image.Image:
 
 
 def save_png_atomic(image: Image.Image, path: str) -> None:
-    """Write ``image`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``image`` as a PNG through a temporary file in the same folder and an atomic rename."""
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def image_path(out_dir: str, index: int) -> str:

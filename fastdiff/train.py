@@ -33,7 +33,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .cli import bool_list, int_list
 from .data import load_dataset
+from .fileio import atomic_write_text
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -287,18 +289,9 @@ def save_training_checkpoint(out: str, step: int, config: TrainConfig, model, em
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(os.path.join(root, "latest"), os.path.basename(final) + "\n")
+    atomic_write_text(os.path.join(root, "latest"), os.path.basename(final) + "\n")
     _prune(root, config.keep_checkpoints, keep=os.path.basename(final))
     return final
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _prune(root: str, keep_n: int, keep: str) -> None:
@@ -439,21 +432,6 @@ def train(config: TrainConfig, stop_at: int | None = None) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _bool_list(text: str) -> tuple[bool, ...]:
-    words = {"1": True, "true": True, "t": True, "yes": True, "0": False, "false": False, "f": False, "no": False}
-    try:
-        return tuple(words[v.strip().lower()] for v in text.split(",") if v.strip())
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated booleans (1/0), got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="fastdiff train", description="Train a UNet (DDPM objective, EMA weights).")
@@ -468,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-channels", type=int, default=None, choices=(1, 3))
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (not for digits)")
     p.add_argument("--n-channels", type=int, default=d.n_channels)
-    p.add_argument("--ch-mults", type=_int_list, default=d.ch_mults, help="e.g. 1,2,2")
-    p.add_argument("--is-attn", type=_bool_list, default=None, help="per level, e.g. 0,0,1 (default: last level)")
+    p.add_argument("--ch-mults", type=int_list, default=d.ch_mults, help="e.g. 1,2,2")
+    p.add_argument("--is-attn", type=bool_list, default=None, help="per level, e.g. 0,0,1 (default: last level)")
     p.add_argument("--n-blocks", type=int, default=d.n_blocks)
     p.add_argument("--norm-groups", type=int, default=d.norm_groups)
     p.add_argument("--dropout", type=float, default=d.dropout)
