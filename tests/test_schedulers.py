@@ -23,6 +23,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers import scheduling_ddpm  # noqa: E402
 
 from fastdiff import ops  # noqa: E402
+from fastdiff.ops import reference  # noqa: E402
 from fastdiff.ops.noise import gaussian_noise_reference  # noqa: E402
 from fastdiff.schedulers import (  # noqa: E402
     DDIMConfig,
@@ -74,6 +75,18 @@ def diffusers_step(d, model_output, t, x, noise, eta=0.0, use_clipped_model_outp
         return d.step(model_output, t, x).prev_sample
 
 
+def float32_rounding_bound(ours, i, x, m, noise, ref64) -> float:
+    """Relative error float32 arithmetic may honestly make on step i: 4 ulp of the sum of the terms' magnitudes.
+
+    Near t = T on the cosine schedule x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) subtracts terms 1e4 times larger
+    than their difference, so a fixed 1e-6 would fail on some random draws without any bug; every other step
+    keeps the fixed EXACT_RTOL (the bound is far below it there).
+    """
+    coeffs = ours.coeffs.to(torch.float64).abs()
+    magnitude = reference.update_step(x.double().abs(), m.double().abs(), coeffs, i, noise=noise.double().abs())
+    return 4 * 2.0**-24 * magnitude.norm().item() / max(ref64.norm().item(), 1e-30)
+
+
 def check_chain(ours, n, seed, eta=0.0, use_clipped_model_output=False, shape=SHAPE, max_steps=None):
     """Set n steps on ours and diffusers (float32 and float64) and compare every step's output."""
     if isinstance(ours, DDIMScheduler):
@@ -94,7 +107,8 @@ def check_chain(ours, n, seed, eta=0.0, use_clipped_model_output=False, shape=SH
         ref64 = diffusers_step(d64, m.double(), t, x.double(), noise.double(), eta, use_clipped_model_output)
         ref32 = diffusers_step(d32, m, t, x, noise, eta, use_clipped_model_output)
         assert out.dtype == x.dtype and out.shape == x.shape
-        assert_close(out, ref64, rtol=EXACT_RTOL, what=f"step {i} (t={t}) vs float64 diffusers")
+        assert_close(out, ref64, rtol=max(EXACT_RTOL, float32_rounding_bound(ours, i, x, m, noise, ref64)),
+                     what=f"step {i} (t={t}) vs float64 diffusers")
         own_error = relative_error(ref32, ref64)
         assert_close(out, ref32, rtol=RTOL[torch.float32] + own_error, what=f"step {i} (t={t}) vs diffusers")
         x = out
