@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from fastdiff.devices import resolve_device  # noqa: F401  (re-exported for the bench scripts)
 from fastdiff.fileio import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -53,24 +54,6 @@ def parse_ints(text: str, what: str) -> list[int]:
     if not values or any(v <= 0 for v in values):
         raise ValueError(f"{what}: expected positive integers, got {text!r}")
     return values
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ValueError (one line) for CUDA without a GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA GPU is available here (use --device cpu)")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 class cpu_threads:

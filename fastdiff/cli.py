@@ -60,20 +60,6 @@ def bool_list(text: str) -> tuple[bool, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated booleans (1/0, true/false), got {text!r}") from None
 
 
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available (use --device cpu)")
-    return device
-
-
 def _resolve_dtype(name: str, device):
     import torch
 
@@ -117,13 +103,14 @@ def _run_sample(args) -> int:
         raise UsageError(f"--init-image: no such file: {args.init_image}")
     if args.scheduler == "ddpm" and args.eta:
         raise UsageError("--eta applies to --scheduler ddim only")
-    device = _resolve_device(args.device)
-    dtype = _resolve_dtype(args.dtype, device)
 
     from . import images
+    from .devices import resolve_device
     from .pipeline import build_sampler, default_steps
     from .sampling import generate
 
+    device = resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
     sampler, description = build_sampler(args.model, args.scheduler, device=device, dtype=dtype,
                                          backend=args.backend, cuda_graphs=False if args.no_cuda_graphs else None)
     steps = args.steps or default_steps(args.scheduler, sampler)

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import DATA_DIR, load_digits
+from .devices import resolve_device
 
 CLASSIFIER_PATH = os.path.join(DATA_DIR, "digits_classifier.safetensors")
 CLASSIFIER_SIZE = 16  # images are resized to 16x16 greyscale before classification
@@ -371,8 +372,7 @@ def main(argv=None) -> int:
     else:
         from .pipeline import build_sampler, default_steps
 
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
+        device = resolve_device(args.device)
         sampler, description = build_sampler(args.model, args.scheduler, device=device)
         steps = args.steps or default_steps(args.scheduler, sampler)
         images = sample_images(sampler, args.num_images, steps, args.eta, args.seed, args.batch_size,

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from .cli import bool_list, int_list
 from .data import load_dataset
+from .devices import resolve_device
 from .fileio import atomic_write_text
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -322,18 +323,6 @@ def latest_checkpoint(out: str) -> str | None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no CUDA GPU is available")
-    return device
-
-
 def train(config: TrainConfig, stop_at: int | None = None) -> str:
     """Train as ``config`` says; returns the folder of the final EMA model (``out/model``).
 
@@ -347,7 +336,7 @@ def train(config: TrainConfig, stop_at: int | None = None) -> str:
     from .unet import UNet
 
     config.validate()
-    device = _device(config.device)
+    device = resolve_device(config.device)
     data = load_dataset(config.data, config.image_size, split="train", channels=config.image_channels)
     images = data.images
     channels = images.shape[1]
