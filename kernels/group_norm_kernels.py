@@ -46,6 +46,20 @@ MAX_TILES_PER_CHUNK = 64
 
 
 @triton.jit
+def _affine(w_ptr, b_ptr, ch, cmask, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-channel (scale, shift) = (weight * rstd, bias), with weight 1 and bias 0 when absent."""
+    if HAS_WEIGHT:
+        scale = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32) * rstd
+    else:
+        scale = tl.zeros([BLOCK], tl.float32) + rstd
+    if HAS_BIAS:
+        shift = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        shift = tl.zeros([BLOCK], tl.float32)
+    return scale, shift
+
+
+@triton.jit
 def _gn_single_kernel(
     x_ptr,  # input [N, C, HW] (NCHW-contiguous) or [N, HW, C] (channels_last), float32/16/bf16
     add_ptr,  # [N, C] per-(sample, channel) addend, row stride add_stride_n (read when HAS_ADD)
@@ -93,14 +107,7 @@ def _gn_single_kernel(
     d = tl.where(mask, h - mean, 0.0)
     var = tl.sum(tl.sum(d * d, axis=1), axis=0) / count
     rstd = 1.0 / tl.sqrt_rn(var + eps)
-    if HAS_WEIGHT:
-        scale = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32) * rstd
-    else:
-        scale = tl.zeros([BLOCK_C], tl.float32) + rstd
-    if HAS_BIAS:
-        shift = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        shift = tl.zeros([BLOCK_C], tl.float32)
+    scale, shift = _affine(w_ptr, b_ptr, ch, cmask, rstd, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
     y = d * scale[:, None] + shift[:, None]
     if SILU:
         y = y * tl.sigmoid(y)
@@ -224,14 +231,7 @@ def _gn_combine_kernel(
     centre = tl.zeros([BLOCK_CG], tl.float32) + mean
     if HAS_ADD:
         centre -= tl.load(add_ptr + n * add_stride_n + ch, mask=cmask, other=0.0).to(tl.float32)
-    if HAS_WEIGHT:
-        scale = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32) * rstd
-    else:
-        scale = tl.zeros([BLOCK_CG], tl.float32) + rstd
-    if HAS_BIAS:
-        shift = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        shift = tl.zeros([BLOCK_CG], tl.float32)
+    scale, shift = _affine(w_ptr, b_ptr, ch, cmask, rstd, HAS_WEIGHT, HAS_BIAS, BLOCK_CG)
     out = norm_ptr + n * 3 * C + ch
     tl.store(out, centre, mask=cmask)
     tl.store(out + C, scale, mask=cmask)

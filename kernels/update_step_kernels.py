@@ -189,6 +189,16 @@ def _update(x, m, z, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x
     return prev
 
 
+@triton.jit
+def _update_tile(x_ptr, m_ptr, out_ptr, offs, mask, z, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x,
+                 noise_std, clip_lo, clip_hi):
+    """Load x and m at ``offs``, apply ``_update`` with noise z, store x_{t-1}: one tile of the quad path."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = _update(x, m, z, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo, clip_hi, 2)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,29 +296,14 @@ def _update_step_cl_philox_kernel(
         n0, n1, n2, n3 = _normal4(counter, stream, seed)
         pix = quad * 4
         offs = pix[:, None] * C + ch[None, :]
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        y = _update(x, m, n0, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo,
-                    clip_hi, 2)
-        tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-        offs += C
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        y = _update(x, m, n1, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo,
-                    clip_hi, 2)
-        tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-        offs += C
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        y = _update(x, m, n2, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo,
-                    clip_hi, 2)
-        tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-        offs += C
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        y = _update(x, m, n3, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo,
-                    clip_hi, 2)
-        tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        _update_tile(x_ptr, m_ptr, out_ptr, base + offs, mask, n0, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0,
+                     prev_eps, prev_x, noise_std, clip_lo, clip_hi)  # pixel 4q
+        _update_tile(x_ptr, m_ptr, out_ptr, base + offs + C, mask, n1, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0,
+                     prev_eps, prev_x, noise_std, clip_lo, clip_hi)  # pixel 4q + 1
+        _update_tile(x_ptr, m_ptr, out_ptr, base + offs + 2 * C, mask, n2, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0,
+                     prev_eps, prev_x, noise_std, clip_lo, clip_hi)  # pixel 4q + 2
+        _update_tile(x_ptr, m_ptr, out_ptr, base + offs + 3 * C, mask, n3, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0,
+                     prev_eps, prev_x, noise_std, clip_lo, clip_hi)  # pixel 4q + 3
     else:
         pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         mask = (pix[:, None] < HW) & (ch[None, :] < C)
