@@ -71,7 +71,8 @@ def test_captured_step_run_eagerly_equals_the_plain_loop(name):
     x = x_init.clone()
     with torch.no_grad():
         for t in scheduler.timesteps:
-            x = scheduler.step(model(x, t), t, x, seeds=seeds if scheduler.needs_noise else None)
+            x = scheduler.step(model(x, t), t, x, **({"eta": eta} if eta else {}),
+                               seeds=seeds if scheduler.needs_noise else None).prev_sample
     assert_close(state.x, x, torch.float32, what="static-buffer step vs plain loop")
     assert_close(sampler.sample(seeds, steps=5, eta=eta), x, torch.float32, what="Sampler.sample vs plain loop")
 
