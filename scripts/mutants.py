@@ -108,8 +108,7 @@ MUTANTS = [
            ("tests/test_bench.py", "-k", "known_duration")),
     # Seeds
     Mutant("seed-32", "base seed truncated to 32 bits",
-           (Edit("fastdiff/sampling.py", "z = (int(seed) * 0x9E3779B97F4A7C15",
-                 "z = ((int(seed) & 0xFFFFFFFF) * 0x9E3779B97F4A7C15"),),
+           (Edit("fastdiff/sampling.py", "    seed = check_seed(seed)\n", "    seed = check_seed(seed) & 0xFFFFFFFF\n"),),
            ("tests/test_sampling.py", "tests/test_cli.py", "-k", "seed")),
 ]
 
