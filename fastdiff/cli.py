@@ -45,6 +45,16 @@ def _unit_float(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {value}")
+    return value
+
+
 def int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
@@ -79,7 +89,8 @@ def _add_sample(sub):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--num-images", type=_positive_int, default=64)
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--seed", type=int, default=0, help="base seed; image i depends only on (seed, i)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="base seed in [0, 2**64); image i depends only on (seed, i)")
     p.add_argument("--out", default="samples", help="output folder (one PNG per image, plus grid.png)")
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
     p.add_argument("--overwrite", action="store_true", help="replace the images of an earlier run with other "

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import logging
 import math
+import numbers
 import os
 
 import torch
@@ -27,11 +28,23 @@ from . import ops
 log = logging.getLogger("fastdiff.sampling")
 
 _MASK64 = (1 << 64) - 1
+SEED_LIMIT = 1 << 64  # base seeds are integers in [0, 2**64): every bit of a 64-bit seed counts
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int, or ValueError unless it is an integer in [0, 2**64) (bool excluded)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
 
 
 def image_seed(seed: int, index: int) -> int:
-    """Seed of image ``index`` in a run with base seed ``seed`` (SplitMix64; fits in int64)."""
-    z = (int(seed) * 0x9E3779B97F4A7C15 + (int(index) + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    """Seed of image ``index`` (an integer >= 0) in a run with base seed ``seed`` (an integer in [0, 2**64)):
+    SplitMix64 of both, top bit dropped so it fits in int64. Every bit of the base seed counts."""
+    seed = check_seed(seed)
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or index < 0:
+        raise ValueError(f"image index must be an integer >= 0, got {index!r}")
+    z = (seed * 0x9E3779B97F4A7C15 + (int(index) + 1) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
@@ -276,6 +289,7 @@ def generate(sampler: Sampler, *, num_images: int, batch_size: int, seed: int, s
     _check_positive_int("num_images", num_images)
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("steps", steps)
+    check_seed(seed)
     image_shape = tuple(image_shape or sampler.image_shape)
     init = check_init_image(init, image_shape)
     first_step = sampler.plan(steps, eta).scheduler.img2img_start(strength) if init is not None else 0

@@ -107,6 +107,35 @@ def test_resume_refuses_a_different_model_or_nothing_to_resume(tmp_path):
         train(tiny(tmp_path / "empty", steps=4, resume=True))
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_loss_is_the_ddpm_objective_written_out(prediction_type):
+    """loss_on_batch (what train() minimises) equals the DDPM objective computed here from scratch (Ho et al., 2020,
+    eq. 14; v: Salimans & Ho, 2022): mean ||target - model(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2 with
+    abar_t from the linear betas in float64, on the same draws. A model that never sees t would differ."""
+    cfg = tiny("unused", prediction_type=prediction_type)
+    torch.manual_seed(5)
+    model = UNet(cfg.unet_config(1)).eval()
+    with torch.no_grad():  # random weights everywhere (the zero-initialised output layer included)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    gen = torch.Generator().manual_seed(6)
+    x0 = torch.rand(8, 1, 8, 8, generator=gen) * 2 - 1
+    t = torch.randint(0, cfg.num_train_timesteps, (8,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+
+    betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)[t].reshape(-1, 1, 1, 1)
+    x_t = (abar.sqrt() * x0.double() + (1 - abar).sqrt() * eps.double()).float()
+    target = {"epsilon": eps, "sample": x0,
+              "v_prediction": (abar.sqrt() * eps.double() - (1 - abar).sqrt() * x0.double()).float()}[prediction_type]
+    with torch.no_grad():
+        expected = (target - model(x_t, t)).pow(2).mean().item()
+        got = loss_on_batch(model, make_scheduler(cfg), x0, t, eps, prediction_type).item()
+        blind = (target - model(x_t, t * 0)).pow(2).mean().item()
+    assert abs(blind - expected) > 1e-3 * expected, "the model must depend on t for this test to see it"
+    assert got == pytest.approx(expected, rel=1e-5), (got, expected)
+
+
 def test_training_targets_invert():
     x0, eps = torch.randn(5, 1, 4, 4), torch.randn(5, 1, 4, 4)
     abar = torch.rand(5, dtype=torch.float64) * 0.98 + 0.01
