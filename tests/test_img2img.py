@@ -46,7 +46,8 @@ def plain_img2img(model, scheduler, init, seeds, steps, eta, strength):
     x = math.sqrt(abar) * init.expand(len(seeds), *shape) + math.sqrt(1.0 - abar) * eps
     with torch.no_grad():
         for t in timesteps:
-            x = scheduler.step(model(x, t), t, x, seeds=seeds if scheduler.needs_noise else None)
+            x = scheduler.step(model(x, t), t, x, **({"eta": eta} if eta else {}),
+                               seeds=seeds if scheduler.needs_noise else None).prev_sample
     return x, timesteps
 
 
