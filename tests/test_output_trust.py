@@ -377,3 +377,18 @@ def test_bench_results_default_to_the_current_folder(fresh):
     assert re.fullmatch(re.escape(str(fresh)) + r"/bench-results/cpu-\d{4}-\d\d-\d\d", argv[4]), argv
     assert with_default_out(["--out", "x"]) == ["--out", "x"]
     assert with_default_out(["--help"]) == ["--help"]
+
+
+def test_generate_checks_the_init_image_before_any_work(tmp_path):
+    from fastdiff.sampling import Sampler, generate
+    from fastdiff.schedulers import DDIMScheduler
+
+    sampler = Sampler(tiny_unet(), DDIMScheduler(num_train_timesteps=100), backend="reference")
+    for init in (torch.zeros(1, 1, 8, 8), torch.zeros(1, 3, 8, 16), torch.zeros(8, 8)):
+        with pytest.raises(ValueError, match=r"init image has shape .*; the model samples \[N, 3, 8, 8\]"):
+            generate(sampler, num_images=1, batch_size=1, seed=0, steps=2, out_dir=str(tmp_path / "o"), init=init,
+                     strength=0.5, progress=False)
+    assert not (tmp_path / "o").exists()
+    result = generate(sampler, num_images=1, batch_size=1, seed=0, steps=2, out_dir=str(tmp_path / "o"),
+                      init=torch.zeros(3, 8, 8), strength=0.5, progress=False)  # [C, H, W] is one image
+    assert len(result.written) == 1
