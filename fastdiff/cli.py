@@ -201,7 +201,7 @@ def _run_sample(args) -> int:
     result = generate(sampler, num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, steps=steps,
                       eta=args.eta, out_dir=args.out, init=init, strength=strength, grid=not args.no_grid,
                       progress=not args.no_progress, image_shape=image_shape, overwrite=args.overwrite,
-                      model=args.model or description)
+                      model_source=args.model or description)
     note = f" ({result.skipped} already there)" if result.skipped else ""
     if result.regenerated:
         note += f" ({len(result.regenerated)} unreadable images drawn again)"

@@ -66,6 +66,15 @@ def model_sha256(model: torch.nn.Module) -> str:
     return tensor_sha256(model.state_dict())
 
 
+def scheduler_identity(scheduler) -> dict:
+    """The scheduler's full configuration as a JSON-safe dict, its class name under "_class_name"."""
+    if hasattr(scheduler, "to_diffusers_config"):
+        return json.loads(json.dumps(scheduler.to_diffusers_config(), default=str))
+    config = getattr(scheduler, "config", None)
+    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+    return json.loads(json.dumps({"_class_name": type(scheduler).__name__, **fields}, default=str))
+
+
 @dataclasses.dataclass
 class RunManifest:
     """What decides the pixels of a sampling run (compared on resume) and what is only recorded."""
@@ -105,7 +114,7 @@ class RunManifest:
         """The manifest of ``generate(sampler, ...)`` with these settings; ``extra`` goes to ``.extra``."""
         return cls(
             model_sha256=model_sha256(sampler.model),
-            scheduler=sampler.scheduler.to_diffusers_config(),
+            scheduler=scheduler_identity(sampler.scheduler),
             steps=int(steps), eta=float(eta), seed=int(seed),
             image_shape=tuple(image_shape or sampler.image_shape),
             dtype=str(sampler.dtype).replace("torch.", ""),
