@@ -365,8 +365,8 @@ def test_info_gives_one_reason_for_xformers(capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     version = next(line for line in lines if line.startswith("xformers "))
     attention = next(line for line in lines if line.strip().startswith("attention xformers"))
-    assert "not available (ImportError)" in version, version
-    assert "not available (ImportError)" in attention and "needs CUDA" not in attention, attention
+    assert "not available (ModuleNotFoundError)" in version, version
+    assert "not available (ModuleNotFoundError)" in attention and "needs CUDA" not in attention, attention
 
 
 def test_bench_results_default_to_the_current_folder(fresh):
