@@ -1,7 +1,9 @@
 """The ``fastdiff`` command: a thin layer over the Python API.
 
-Every user error (bad path, bad config, out-of-range option) ends as one line on stderr and exit
-status 2, with no traceback and no partial output file.
+Every user error (bad path, bad config, out-of-range option, an unusable output folder, a full disk) ends
+as one line on stderr and exit status 2, with no traceback (``fastdiff --traceback ...`` shows it) and no
+partial output file. ``train``, ``eval`` and ``kernels`` use the same parser (``_Parser``): one-line
+errors, every default in ``--help``, option values that start with a dash read as values.
 """
 
 from __future__ import annotations
