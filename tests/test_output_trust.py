@@ -392,3 +392,10 @@ def test_generate_checks_the_init_image_before_any_work(tmp_path):
     result = generate(sampler, num_images=1, batch_size=1, seed=0, steps=2, out_dir=str(tmp_path / "o"),
                       init=torch.zeros(3, 8, 8), strength=0.5, progress=False)  # [C, H, W] is one image
     assert len(result.written) == 1
+
+
+def test_kernels_passes_its_checked_options_on(fresh, monkeypatch):
+    seen = []
+    monkeypatch.setattr("fastdiff.kernels.compile_check.main", lambda argv: seen.append(argv) or 0)
+    assert main(["kernels", "--target", " sm_90, ,sm_80 ", "--json", "rows.json"]) == 0
+    assert seen == [["--target", "sm_90,sm_80", "--json", "rows.json"]]
