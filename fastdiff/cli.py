@@ -25,7 +25,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+        if "default" in text or action.default is None or action.default is False \
+                or action.default is argparse.SUPPRESS:
             return text
         return super()._get_help_string(action)
 
@@ -141,7 +142,8 @@ def _add_sample(sub):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--num-images", type=_positive_int, default=64, help="images to draw")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (never changes an image)")
-    p.add_argument("--seed", type=seed_int, default=0, help="base seed in [0, 2**64); image i depends only on (seed, i)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="base seed in [0, 2**64); image i depends only on (seed, i)")
     p.add_argument("--out", default="samples", help="output folder (one PNG per image, grid.png and the run "
                    "manifest run.json; a rerun with the same settings resumes)")
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
@@ -262,11 +264,13 @@ def _run_shapes(args) -> int:
 
         given = [f"--{k.replace('_', '-')}" for k in _SHAPES_ARCHITECTURE if getattr(args, k) is not None]
         if given:
-            raise UsageError(f"{', '.join(given)} cannot be combined with --model (the checkpoint fixes the architecture)")
+            raise UsageError(f"{', '.join(given)} cannot be combined with --model "
+                             "(the checkpoint fixes the architecture)")
         config = load_config(args.model)
         image_size = args.image_size
     else:
-        arch = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in _SHAPES_ARCHITECTURE.items()}
+        arch = {k: default if getattr(args, k) is None else getattr(args, k)
+                for k, default in _SHAPES_ARCHITECTURE.items()}
         is_attn = arch["is_attn"] if arch["is_attn"] is not None else (False,) * len(arch["ch_mults"])
         if len(is_attn) != len(arch["ch_mults"]):
             raise UsageError(f"--is-attn has {len(is_attn)} entries for {len(arch['ch_mults'])} levels of --ch-mults")

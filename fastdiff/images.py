@@ -76,7 +76,8 @@ def load_png_folder(out_dir: str, indices) -> np.ndarray:
             with Image.open(path) as im:
                 pictures.append(_as_hwc(np.asarray(im)))
         except (OSError, SyntaxError, ValueError) as exc:
-            raise ValueError(f"cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"cannot read {path} ({reason})") from None
     shapes = {p.shape for p in pictures}
     if len(shapes) > 1:
         raise ValueError(f"the images in {out_dir} differ in size or channels ({sorted(shapes)}); cannot make a grid")
@@ -84,7 +85,7 @@ def load_png_folder(out_dir: str, indices) -> np.ndarray:
 
 
 def is_sample_png(path: str, shape) -> bool:
-    """Whether ``path`` is a whole PNG of ``shape`` (C, H, W) as ``save_images`` writes it (checks every chunk's CRC)."""
+    """Whether ``path`` is a whole PNG of ``shape`` (C, H, W) as ``save_images`` writes it (chunk CRCs checked)."""
     channels, height, width = shape
     modes = {1: ("L",), 3: ("RGB",), 4: ("RGBA",)}.get(channels, ())
     try:

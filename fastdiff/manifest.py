@@ -233,10 +233,13 @@ def remove_run_outputs(out_dir) -> list[str]:
     for extra in ("grid.png", MANIFEST_NAME):
         if os.path.lexists(os.path.join(out_dir, extra)):
             names.append(extra)
-    names = [n for n in names if not os.path.isdir(os.path.join(out_dir, n)) or os.path.islink(os.path.join(out_dir, n))]
+    removed = []
     for name in names:
-        os.unlink(os.path.join(out_dir, name))
-    return names
+        path = os.path.join(out_dir, name)
+        if os.path.islink(path) or not os.path.isdir(path):  # a folder of that name is the user's: reported, kept
+            os.unlink(path)
+            removed.append(name)
+    return removed
 
 
 def _short(value) -> str:

@@ -315,7 +315,8 @@ def latest_checkpoint(out: str) -> str | None:
             with open(pointer) as f:
                 name = f.read().strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read {pointer} ({exc}); remove it to resume from the newest step folder") from None
+            raise ValueError(f"cannot read {pointer} ({exc}); "
+                             "remove it to resume from the newest step folder") from None
         if not _STEP_NAME.fullmatch(name):
             raise ValueError(f"{pointer} does not name a checkpoint (step_NNNNNN), it holds {name[:40]!r}; "
                              "remove it to resume from the newest step folder")

@@ -239,7 +239,8 @@ def test_stale_temporary_step_folders_are_removed_and_folders_follow_the_umask(r
     assert not [n for n in names if n.startswith(".")], names
     step = run_at_4 / "checkpoints" / "step_000006"
     assert stat.S_IMODE(os.stat(step).st_mode) == 0o755
-    for path in (step / "training_state.safetensors", step / "training_state.json", step / "model" / "model.safetensors"):
+    for path in (step / "training_state.safetensors", step / "training_state.json",
+                 step / "model" / "model.safetensors"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
 
 

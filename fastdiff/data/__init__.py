@@ -158,7 +158,8 @@ def load_image_folder(folder: str, image_size: int = 32, channels: int | None = 
                 with Image.open(p) as im:
                     grey &= im.mode in ("1", "L", "I", "I;16", "F")
             except (OSError, SyntaxError, ValueError) as err:
-                raise ValueError(f"cannot read image {p!r}: {str(err).splitlines()[0] if str(err) else err!r}") from None
+                reason = str(err).splitlines()[0] if str(err) else repr(err)
+                raise ValueError(f"cannot read image {p!r}: {reason}") from None
         channels = 1 if grey else 3
     images = torch.stack([load_image(p, image_size, channels) for p in paths])
     return ImageSet(images, None, f"folder:{os.path.basename(os.path.normpath(folder))}")
