@@ -274,14 +274,14 @@ def _check_finite(images: torch.Tensor, indices, batch_number: int, num_batches:
 def generate(sampler: Sampler, *, num_images: int, batch_size: int, seed: int, steps: int, out_dir: str,
              eta: float = 0.0, init: torch.Tensor | None = None, strength: float = 1.0, grid: bool = True,
              progress: bool = True, image_shape=None, overwrite: bool = False,
-             model: str | None = None) -> GenerateResult:
+             model_source: str | None = None) -> GenerateResult:
     """Write ``num_images`` PNGs (``out_dir/000000.png`` ...) in batches, plus ``grid.png`` and ``run.json``.
 
     Before sampling: ``out_dir`` is created and proven writable, and its run manifest (``fastdiff.manifest``)
     is checked: a rerun with the same settings resumes (images already there, if readable, are kept), other
     settings raise ``RunMismatchError`` unless ``overwrite`` (which removes the old images first). A batch
-    with NaN or infinite values raises ``NonFiniteOutputError`` and writes nothing. ``model`` (a path or a
-    description) is recorded in the manifest.
+    with NaN or infinite values raises ``NonFiniteOutputError`` and writes nothing. ``model_source`` (a path
+    or a description of the weights) is recorded in the manifest.
     """
     from .fileio import prepare_output_dir
     from .manifest import RunManifest
@@ -295,7 +295,7 @@ def generate(sampler: Sampler, *, num_images: int, batch_size: int, seed: int, s
     first_step = sampler.plan(steps, eta).scheduler.img2img_start(strength) if init is not None else 0
     prepare_output_dir(out_dir)
     manifest = RunManifest.for_sampling(sampler, seed=seed, steps=steps, eta=eta, image_shape=image_shape, init=init,
-                                        strength=strength, num_images=num_images, model=model)
+                                        strength=strength, num_images=num_images, model=model_source)
     manifest.check_or_write(out_dir, overwrite)
     todo, broken = _images_to_draw(out_dir, num_images, image_shape)
     skipped = num_images - len(todo)

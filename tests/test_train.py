@@ -169,3 +169,116 @@ def test_bad_configs(argv, message):
 def test_cli_defaults_match_the_dataclass():
     cfg = config_from_args(build_parser().parse_args([]))
     assert cfg == TrainConfig()
+
+
+# ------------------------------------------------------------------------------- the CLI on existing runs
+TINY_CLI = ["--data", "digits", "--image-size", "8", "--n-channels", "8", "--ch-mults", "1,2", "--is-attn", "0,1",
+            "--norm-groups", "4", "--batch-size", "8", "--warmup-steps", "1", "--checkpoint-every", "2",
+            "--no-progress", "--seed", "3"]
+
+
+def _cli(argv) -> int:
+    from fastdiff.cli import main
+
+    try:
+        return main(["train", *TINY_CLI, *argv])
+    except SystemExit as exc:
+        return exc.code
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastdiff: error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def run_at_4(tmp_path, monkeypatch):
+    """A fresh folder holding a finished 4-step run in ./run."""
+    monkeypatch.chdir(tmp_path)
+    assert _cli(["--out", "run", "--steps", "4"]) == 0
+    return tmp_path / "run"
+
+
+def test_cli_refuses_to_overwrite_a_run(run_at_4, capsys):
+    before = _state(run_at_4 / "model")
+    capsys.readouterr()
+    assert _cli(["--out", "run", "--steps", "2"]) == 2
+    assert _error(capsys) == ("fastdiff: error: run already holds a training run (at step 4); continue it with "
+                              "--resume, replace it with --overwrite, or choose another --out")
+    assert _equal(_state(run_at_4 / "model"), before)
+    assert _cli(["--out", "run", "--steps", "2", "--resume", "--overwrite"]) == 2
+    assert "exclude each other" in _error(capsys)
+    # --overwrite: the old step folders go, the new run is complete on its own
+    assert _cli(["--out", "run", "--steps", "2", "--overwrite"]) == 0
+    assert sorted(os.listdir(run_at_4 / "checkpoints")) == ["latest", "step_000002"]
+    assert json.loads((run_at_4 / "model" / "config.json").read_text())["training"]["steps"] == 2
+
+
+def test_cli_resume_past_the_requested_steps_says_so(run_at_4, capsys):
+    before = _state(run_at_4 / "model")
+    capsys.readouterr()
+    assert _cli(["--out", "run", "--steps", "2", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "already at step 4, past --steps 2: nothing trained" in out and "reached step 2" not in out
+    assert _equal(_state(run_at_4 / "model"), before)
+    assert _cli(["--out", "run", "--steps", "6", "--resume"]) == 0
+    assert "reached step 6; this run (resumed from step 4)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("latest", r"run/checkpoints/latest does not name a checkpoint \(step_NNNNNN\), it holds '\\x00garbage'"),
+    ("json", r"cannot resume from run/checkpoints/step_000004/training_state\.json: Expecting"),
+    ("json-list", r"cannot resume from run/checkpoints/step_000004/training_state\.json: not a fastdiff"),
+    ("tensors", r"cannot resume from run/checkpoints/step_000004/training_state\.safetensors: .*truncated or corrupt"),
+])
+def test_cli_resume_names_the_damaged_file(run_at_4, capsys, damage, message):
+    import re
+
+    ckpt = run_at_4 / "checkpoints" / "step_000004"
+    if damage == "latest":
+        (run_at_4 / "checkpoints" / "latest").write_text("\x00garbage\n")
+    elif damage == "json":
+        (ckpt / "training_state.json").write_text("{")
+    elif damage == "json-list":
+        (ckpt / "training_state.json").write_text("[1, 2]")
+    else:
+        data = (ckpt / "training_state.safetensors").read_bytes()
+        (ckpt / "training_state.safetensors").write_bytes(data[:len(data) // 3])
+    capsys.readouterr()
+    assert _cli(["--out", "run", "--steps", "6", "--resume"]) == 2
+    line = _error(capsys)
+    assert re.search(message, line), line
+
+
+def test_stale_temporary_step_folders_are_removed_and_folders_follow_the_umask(run_at_4):
+    import stat
+
+    stale = run_at_4 / "checkpoints" / ".tmp-step_000006-abc123"
+    stale.mkdir()
+    (stale / "training_state.json").write_text("{")
+    (run_at_4 / "checkpoints" / ".latest.abcd1234.tmp").write_text("step_0")
+    (run_at_4 / "model" / ".model.safetensors.q1w2e3r4.tmp").write_bytes(b"partial")
+    old = os.umask(0o022)
+    try:
+        assert _cli(["--out", "run", "--steps", "6", "--resume"]) == 0
+    finally:
+        os.umask(old)
+    names = os.listdir(run_at_4 / "checkpoints") + os.listdir(run_at_4 / "model")
+    assert not [n for n in names if n.startswith(".")], names
+    step = run_at_4 / "checkpoints" / "step_000006"
+    assert stat.S_IMODE(os.stat(step).st_mode) == 0o755
+    for path in (step / "training_state.safetensors", step / "training_state.json",
+                 step / "model" / "model.safetensors"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+
+
+def test_cli_data_folder_with_a_file_that_is_not_an_image(tmp_path, monkeypatch, capsys):
+    from fastdiff.images import save_images
+
+    monkeypatch.chdir(tmp_path)
+    save_images(torch.rand(2, 1, 8, 8) * 2 - 1, "imgs", range(2))
+    (tmp_path / "imgs" / "notes.png").write_text("these are my notes")
+    argv = ["--out", "run", "--steps", "1", "--data", "imgs"]
+    assert _cli(argv) == 2
+    assert "cannot read image 'imgs/notes.png'" in _error(capsys)
