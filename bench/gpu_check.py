@@ -266,7 +266,7 @@ def plan_parts(mode: str, target: str, out: Path, scratch: str) -> list[tuple[st
     xdist = ["-n", "4"] if gpu and importlib.util.find_spec("xdist") is not None else []
     bench_device = ["--device", "cuda", "--preset", "short"] if gpu else ["--device", "cpu", "--quick"]
     kernel_tests = kernel_test_files()
-    compile_kernels = [] if gpu else ["--kernels", "_gn_combine_kernel,_gn_apply_kernel"]
+    compile_kernels = [] if gpu else ["--kernels", "_gn_combine_kernel"]
     return [
         ("bench kernels", [py, "-m", "fastdiff.cli", "bench", "kernels", *bench_device, "--no-compile",
                            "--out", str(out), "--time-budget", "{budget}"], 95),
@@ -277,7 +277,7 @@ def plan_parts(mode: str, target: str, out: Path, scratch: str) -> list[tuple[st
         ("kernel tests on the GPU", [*pytest, "--quick", *xdist, f"--junitxml={scratch}/kernel_tests.xml",
                                      *([] if gpu else ["--collect-only"]), *kernel_tests], 80),
         ("compile check", [py, "-m", "fastdiff.kernels.compile_check", "--target", target, "--jobs", "8" if gpu else "2",
-                           "--json", f"{scratch}/compile_check.json", *compile_kernels], 45),
+                           "--json", f"{scratch}/compile_check.json", *compile_kernels], 60),
     ]
 
 
