@@ -14,6 +14,14 @@ import sys
 EXIT_USAGE = 2
 
 
+class RankFailedError(RuntimeError):
+    """Another process of a torchrun launch failed (see fastdiff.distributed)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class UsageError(ValueError):
     """A command-line value that is out of range."""
 
@@ -92,6 +100,10 @@ def _add_sample(sub):
                    help="image side in pixels (default: the model's sample_size)")
     p.add_argument("--init-image", default=None, help="image-to-image: start from this picture")
     p.add_argument("--strength", type=_unit_float, default=0.6, help="image-to-image noise level in [0, 1]")
+    p.add_argument("--format", choices=("png", "npz"), default="png", help="one PNG per image, or npz shards of "
+                   "uint8 [N, H, W, C] (one per batch, as FID tools read them)")
+    p.add_argument("--layout", choices=("auto", "flat", "subfolders"), default="auto", help="PNGs in --out, or in "
+                   "subfolders of 1,000 (auto: subfolders above 10,000 images)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_run_sample)
 
@@ -106,12 +118,20 @@ def _run_sample(args) -> int:
     if args.scheduler == "ddpm" and args.eta:
         raise UsageError("--eta applies to --scheduler ddim only")
 
-    from . import images
-    from .devices import resolve_device
+    from . import distributed, images
     from .pipeline import build_sampler, default_steps
     from .sampling import generate
 
-    device = resolve_device(args.device)
+    ranks = distributed.from_environment()  # one process, or this rank of a torchrun launch
+    try:
+        return _sample_on(ranks, args, images, build_sampler, default_steps, generate)
+    finally:
+        ranks.close()
+
+
+def _sample_on(ranks, args, images, build_sampler, default_steps, generate) -> int:
+    with ranks.stage("choosing the device"):  # every rank checks its GPU before anything is written
+        device = ranks.device_for(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     sampler, description = build_sampler(args.model, args.scheduler, device=device, dtype=dtype,
                                          backend=args.backend, cuda_graphs=False if args.no_cuda_graphs else None)
@@ -125,14 +145,19 @@ def _run_sample(args) -> int:
     init = None
     if args.init_image is not None:
         init = images.load_image(args.init_image, image_shape[0], image_shape[1:])
-    print(f"fastdiff: {description}; {args.scheduler} {steps} steps, {args.num_images} images "
-          f"on {device} ({args.dtype}, backend {args.backend}) -> {args.out}", file=sys.stderr)
+    where = f"on {device}" if not ranks.distributed else f"on {ranks.world_size} processes ({device.type})"
+    if ranks.is_main:
+        print(f"fastdiff: {description}; {args.scheduler} {steps} steps, {args.num_images} images "
+              f"{where} ({args.dtype}, backend {args.backend}) -> {args.out}", file=sys.stderr)
     result = generate(sampler, num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, steps=steps,
                       eta=args.eta, out_dir=args.out, init=init, strength=args.strength, grid=not args.no_grid,
                       progress=not args.no_progress, image_shape=image_shape, overwrite=args.overwrite,
-                      model=args.model or description)
-    note = f" ({result.skipped} already there)" if result.skipped else ""
-    print(f"wrote {len(result.written)} images to {args.out}{note}" + (f"; grid: {result.grid}" if result.grid else ""))
+                      model=args.model or description, output_format=args.format, layout=args.layout, ranks=ranks)
+    if ranks.is_main:
+        drawn = sum(r["images"] for r in result.per_rank)
+        skipped = sum(r["skipped"] for r in result.per_rank)
+        note = f" ({skipped} already there)" if skipped else ""
+        print(f"wrote {drawn} images to {args.out}{note}" + (f"; grid: {result.grid}" if result.grid else ""))
     return 0
 
 
@@ -241,6 +266,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("fastdiff: interrupted; images written so far are kept and a rerun resumes", file=sys.stderr)
         return 130
+    except RankFailedError as exc:  # another process of a torchrun launch failed: its error, its exit status
+        print(f"fastdiff: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         if args.verbose:
             raise
