@@ -132,19 +132,21 @@ def _run_sample(args) -> int:
 def _sample_on(ranks, args, images, build_sampler, default_steps, generate) -> int:
     with ranks.stage("choosing the device"):  # every rank checks its GPU before anything is written
         device = ranks.device_for(args.device)
-    dtype = _resolve_dtype(args.dtype, device)
-    sampler, description = build_sampler(args.model, args.scheduler, device=device, dtype=dtype,
-                                         backend=args.backend, cuda_graphs=False if args.no_cuda_graphs else None)
-    steps = args.steps or default_steps(args.scheduler, sampler)
-    if steps > sampler.scheduler.num_train_timesteps:
-        raise UsageError(f"--steps {steps} exceeds the model's {sampler.scheduler.num_train_timesteps} training timesteps")
-    if args.image_size is not None:
-        image_shape = (sampler.model.config.in_channels, args.image_size, args.image_size)
-    else:
-        image_shape = sampler.image_shape
-    init = None
-    if args.init_image is not None:
-        init = images.load_image(args.init_image, image_shape[0], image_shape[1:])
+        dtype = _resolve_dtype(args.dtype, device)
+    with ranks.stage("loading the model"):
+        sampler, description = build_sampler(args.model, args.scheduler, device=device, dtype=dtype,
+                                             backend=args.backend, cuda_graphs=False if args.no_cuda_graphs else None)
+        steps = args.steps or default_steps(args.scheduler, sampler)
+        if steps > sampler.scheduler.num_train_timesteps:
+            raise UsageError(f"--steps {steps} exceeds the model's {sampler.scheduler.num_train_timesteps} "
+                             "training timesteps")
+        if args.image_size is not None:
+            image_shape = (sampler.model.config.in_channels, args.image_size, args.image_size)
+        else:
+            image_shape = sampler.image_shape
+        init = None
+        if args.init_image is not None:
+            init = images.load_image(args.init_image, image_shape[0], image_shape[1:])
     where = f"on {device}" if not ranks.distributed else f"on {ranks.world_size} processes ({device.type})"
     if ranks.is_main:
         print(f"fastdiff: {description}; {args.scheduler} {steps} steps, {args.num_images} images "

@@ -40,6 +40,7 @@ class Ranks:
     world_size: int = 1
     local_rank: int = 0
     abort_flag: str | None = None  # set by the run: where a failing rank signals the others
+    reports: dict = dataclasses.field(default_factory=dict)  # stage name -> every rank's report (see stage)
 
     @property
     def is_main(self) -> bool:
@@ -111,14 +112,14 @@ class Ranks:
                 raise  # an interrupt (or SIGTERM from torchrun) exits at once: the others are being stopped too
             error = exc
         if not self.distributed:
-            self.reports = {**getattr(self, "reports", {}), name: [report]}
+            self.reports[name] = [report]
             return
         message = None
         if error is not None:
             text = str(error).strip().splitlines()
             message = (text[0] if text else type(error).__name__, 2 if isinstance(error, USER_ERRORS) else 1)
         everyone = self.gather((message, report))
-        self.reports = {**getattr(self, "reports", {}), name: [r for _, r in everyone]}
+        self.reports[name] = [r for _, r in everyone]
         failures = [(rank, m) for rank, (m, _) in enumerate(everyone) if m is not None]
         if failures and self.is_main and self.abort_flag is not None:  # everyone has stopped: the flag is spent
             with contextlib.suppress(OSError):

@@ -20,6 +20,7 @@ import os
 import queue
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ FORMATS = ("png", "npz")
 LAYOUTS = ("auto", "flat", "subfolders")
 SUBFOLDER_SIZE = 1000  # images per subfolder
 AUTO_SUBFOLDERS_ABOVE = 10_000  # --layout auto: subfolders for runs of more images than this
+WRITER_THREADS = 8  # PNG files written at once: each atomic write waits ~15 ms in fsync, threads overlap that
 GRID_MAX_IMAGES = 256  # the grid shows the first images only (a 50,000-image grid would be a gigapixel picture)
 SHARD_NAME = re.compile(r"samples_(\d{6,})_(\d+)\.npz")
 SUBFOLDER_NAME = re.compile(r"\d{6,}")
@@ -155,8 +157,12 @@ class ImageStore:
         return found
 
     # ------------------------------------------------------------------ writing and reading
-    def write(self, indices, pictures: np.ndarray) -> list[str]:
-        """Write uint8 [N, H, W, C] ``pictures`` of image ``indices``; returns the files written."""
+    def write(self, indices, pictures: np.ndarray, executor=None) -> list[str]:
+        """Write uint8 [N, H, W, C] ``pictures`` of image ``indices``; returns the files written.
+
+        ``executor`` (a ThreadPoolExecutor): PNGs are encoded and written in parallel (each atomic write ends
+        with an fsync, ~15 ms of waiting per file that threads overlap; PIL's encoder releases the GIL).
+        """
         indices = [int(i) for i in indices]
         if self.format == "npz":
             path = os.path.join(self.out_dir, f"samples_{indices[0]:06d}_{len(indices)}.npz")
@@ -167,12 +173,14 @@ class ImageStore:
 
             atomic_write(path, save)
             return [path]
-        paths = []
-        for picture, index in zip(pictures, indices):
-            path = self.png_path(index)
-            imageio.save_png_atomic(imageio.pil_image(picture), path)
-            paths.append(path)
-        return paths
+        if executor is not None and len(indices) > 1:
+            return list(executor.map(self._write_png, indices, pictures))
+        return [self._write_png(index, picture) for index, picture in zip(indices, pictures)]
+
+    def _write_png(self, index: int, picture: np.ndarray) -> str:
+        path = self.png_path(index)
+        imageio.save_png_atomic(imageio.pil_image(picture), path)
+        return path
 
     def load(self, indices) -> np.ndarray:
         """uint8 [N, H, W, C] of image ``indices`` (for the grid and for tests)."""
@@ -260,15 +268,17 @@ class BackgroundWriter:
     ``submit`` converts a batch to uint8 on its device (4x fewer bytes to move), starts the copy to the host
     (on CUDA: into pinned memory with ``non_blocking=True``, so the device goes on with the next batch) and
     queues it; it blocks only when ``max_pending`` batches are already waiting (bounded memory). The thread
-    waits for the copy, checks the batch (``check``), writes it through the store. An error in the thread is
+    waits for the copy, checks the batch (``check``), writes it through the store, its PNGs spread over
+    ``workers`` threads. An error in the thread is
     raised by the next ``submit`` or by ``close``; ``close(abort=True)`` drops what is still queued, lets the
     file being written finish, and returns (only complete files stay).
     """
 
-    def __init__(self, store: ImageStore, max_pending: int = 2):
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+    def __init__(self, store: ImageStore, max_pending: int = 2, workers: int = WRITER_THREADS):
+        if max_pending < 1 or workers < 1:
+            raise ValueError(f"max_pending and workers must be >= 1, got {max_pending} and {workers}")
         self.store = store
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fastdiff-png") if workers > 1 else None
         self.written: list[str] = []
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
@@ -311,7 +321,7 @@ class BackgroundWriter:
                     event.synchronize()
                 if check is not None:
                     check(finite)
-                self.written += self.store.write(indices, pictures.numpy())
+                self.written += self.store.write(indices, pictures.numpy(), executor=self._pool)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 self.error = exc
 
@@ -328,6 +338,8 @@ class BackgroundWriter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if not abort:
             self._raise_if_failed()
         return self.written

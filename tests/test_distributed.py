@@ -210,7 +210,7 @@ class _SlowStore:
     def __init__(self, fail=None):
         self.release, self.fail, self.calls = threading.Event(), fail, []
 
-    def write(self, indices, pictures):
+    def write(self, indices, pictures, executor=None):
         self.release.wait(10)
         if self.fail:
             raise self.fail
