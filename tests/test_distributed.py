@@ -291,3 +291,18 @@ def test_bad_output_options_are_one_line_errors(tmp_path, capsys, args, message)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and err.startswith("fastdiff: error:")
     assert not out.exists()
+
+
+@pytest.mark.gpu
+def test_writer_copies_cuda_batches_through_pinned_memory():
+    """On CUDA the batch reaches the writer as pinned uint8 through a non-blocking copy; same pixels as the CPU."""
+    store = _SlowStore()
+    store.release.set()
+    batch = torch.rand(3, 3, 16, 16, device="cuda") * 2 - 1
+    with output.BackgroundWriter(store) as writer:
+        for k in range(4):  # several batches in flight while the device keeps working
+            writer.submit(batch * (1 - 0.1 * k), [3 * k, 3 * k + 1, 3 * k + 2])
+    assert [i for indices, _ in store.calls for i in indices] == list(range(12))
+    for k, (_, pictures) in enumerate(store.calls):
+        expected = output.to_uint8_nhwc((batch * (1 - 0.1 * k)).cpu()).numpy()
+        assert np.array_equal(pictures, expected), k
