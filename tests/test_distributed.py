@@ -306,3 +306,16 @@ def test_writer_copies_cuda_batches_through_pinned_memory():
     for k, (_, pictures) in enumerate(store.calls):
         expected = output.to_uint8_nhwc((batch * (1 - 0.1 * k)).cpu()).numpy()
         assert np.array_equal(pictures, expected), k
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_gpu_fails_every_rank_before_anything_is_written(runs):
+    root, model, _ = runs
+    out = root / "no_gpu"
+    result = fastdiff_command(["--model", model, "--out", str(out), "--num-images", "4", "--steps", "2",
+                               "--device", "cuda", "--no-progress"], nproc=2)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fastdiff: error:")]
+    assert errors and all("no CUDA GPU is available here" in line for line in errors), result.stderr[-2000:]
+    assert not out.exists()
