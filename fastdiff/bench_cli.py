@@ -1,4 +1,4 @@
-"""``fastdiff bench kernels ...`` / ``fastdiff bench sampling ...``: dispatch to the repository's ``bench/``.
+"""``fastdiff bench kernels|sampling|output ...``: dispatch to the repository's ``bench/``.
 
 The benchmarks live in ``bench/`` beside ``fastdiff/`` in the source tree and are not installed with the
 package, so this module finds that folder next to the package it was imported from.
@@ -13,8 +13,9 @@ import os
 import sys
 
 COMMANDS = {"kernels": "fused ops vs torch eager and torch.compile",
-            "sampling": "end-to-end sampling vs diffusers and torch.compile"}
-USAGE = ("usage: fastdiff bench {kernels,sampling} [options]   (fastdiff bench kernels --help for the options)\n"
+            "sampling": "end-to-end sampling vs diffusers and torch.compile",
+            "output": "images/s with PNG/npz writes vs sampling alone"}
+USAGE = ("usage: fastdiff bench {kernels,sampling,output} [options]   (fastdiff bench kernels --help for the options)\n"
          + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items()))
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        raise ValueError(f"unknown bench command {command!r}; choose kernels or sampling")
+        raise ValueError(f"unknown bench command {command!r}; choose one of {', '.join(COMMANDS)}")
     load_bench_package()
     module = importlib.import_module(f"bench.{command}")
     return int(module.main(with_default_out(rest)) or 0)

@@ -16,6 +16,14 @@ import sys
 EXIT_USAGE = 2
 
 
+class RankFailedError(RuntimeError):
+    """Another process of a torchrun launch failed (see fastdiff.distributed)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class UsageError(ValueError):
     """A command-line value that is out of range."""
 
@@ -160,13 +168,15 @@ def _add_sample(sub):
     p.add_argument("--init-image", default=None, help="image-to-image: start from this picture")
     p.add_argument("--strength", type=_unit_float, default=None,
                    help="image-to-image noise level in [0, 1] (default: 0.6; only with --init-image)")
+    p.add_argument("--format", choices=("png", "npz"), default="png", help="one PNG per image, or npz shards of "
+                   "uint8 [N, H, W, C] (one per batch, as FID tools read them)")
+    p.add_argument("--layout", choices=("auto", "flat", "subfolders"), default="auto", help="PNGs in --out, or in "
+                   "subfolders of 1,000 (auto: subfolders above 10,000 images)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_sample)
 
 
 def _run_sample(args) -> int:
-    from .fileio import prepare_output_dir
-
     if args.strength is not None and args.init_image is None:
         raise UsageError("--strength applies to image-to-image only; give --init-image too")
     if args.eta < 0:
@@ -177,39 +187,59 @@ def _run_sample(args) -> int:
         raise UsageError(f"--init-image: no such file: {args.init_image}")
     if args.scheduler == "ddpm" and args.eta:
         raise UsageError("--eta applies to --scheduler ddim only")
-    prepare_output_dir(args.out, "--out")  # before loading or sampling anything
 
-    from . import images
-    from .devices import resolve_device
+    from . import distributed, images
     from .pipeline import build_sampler, default_steps
     from .sampling import generate
 
-    device = resolve_device(args.device)
-    dtype = _resolve_dtype(args.dtype, device)
-    sampler, description = build_sampler(args.model, args.scheduler, device=device, dtype=dtype,
-                                         backend=args.backend, cuda_graphs=False if args.no_cuda_graphs else None)
-    steps = args.steps or default_steps(args.scheduler, sampler)
-    if steps > sampler.scheduler.num_train_timesteps:
-        raise UsageError(f"--steps {steps} exceeds the model's {sampler.scheduler.num_train_timesteps} training timesteps")
-    if args.image_size is not None:
-        image_shape = (sampler.model.config.in_channels, args.image_size, args.image_size)
-    else:
-        image_shape = sampler.image_shape
-    _warn_if_large(sampler, image_shape, steps, args.num_images, device)
-    init = None
-    strength = 0.6 if args.strength is None else args.strength
-    if args.init_image is not None:
-        init = images.load_image(args.init_image, image_shape[0], image_shape[1:], warn=True)
-    print(f"fastdiff: {description}; {args.scheduler} {steps} steps, {args.num_images} images "
-          f"on {device} ({args.dtype}, backend {args.backend}) -> {args.out}", file=sys.stderr)
+    ranks = distributed.from_environment()  # one process, or this rank of a torchrun launch
+    try:
+        return _sample_on(ranks, args, images, build_sampler, default_steps, generate)
+    finally:
+        ranks.close()
+
+
+def _sample_on(ranks, args, images, build_sampler, default_steps, generate) -> int:
+    from .fileio import prepare_output_dir
+
+    with ranks.stage("choosing the device"):  # every rank checks its GPU before anything is written
+        device = ranks.device_for(args.device)
+        dtype = _resolve_dtype(args.dtype, device)
+    with ranks.stage("checking the output folder"):  # before loading or sampling anything
+        prepare_output_dir(args.out, "--out")
+    with ranks.stage("loading the model"):
+        sampler, description = build_sampler(args.model, args.scheduler, device=device, dtype=dtype,
+                                             backend=args.backend, cuda_graphs=False if args.no_cuda_graphs else None)
+        steps = args.steps or default_steps(args.scheduler, sampler)
+        if steps > sampler.scheduler.num_train_timesteps:
+            raise UsageError(f"--steps {steps} exceeds the model's {sampler.scheduler.num_train_timesteps} "
+                             "training timesteps")
+        if args.image_size is not None:
+            image_shape = (sampler.model.config.in_channels, args.image_size, args.image_size)
+        else:
+            image_shape = sampler.image_shape
+        init = None
+        strength = 0.6 if args.strength is None else args.strength
+        if args.init_image is not None:
+            init = images.load_image(args.init_image, image_shape[0], image_shape[1:], warn=ranks.is_main)
+    if ranks.is_main:
+        _warn_if_large(sampler, image_shape, steps, args.num_images, device)
+    where = f"on {device}" if not ranks.distributed else f"on {ranks.world_size} processes ({device.type})"
+    if ranks.is_main:
+        print(f"fastdiff: {description}; {args.scheduler} {steps} steps, {args.num_images} images "
+              f"{where} ({args.dtype}, backend {args.backend}) -> {args.out}", file=sys.stderr)
     result = generate(sampler, num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, steps=steps,
                       eta=args.eta, out_dir=args.out, init=init, strength=strength, grid=not args.no_grid,
                       progress=not args.no_progress, image_shape=image_shape, overwrite=args.overwrite,
-                      model_source=args.model or description)
-    note = f" ({result.skipped} already there)" if result.skipped else ""
-    if result.regenerated:
-        note += f" ({len(result.regenerated)} unreadable images drawn again)"
-    print(f"wrote {len(result.written)} images to {args.out}{note}" + (f"; grid: {result.grid}" if result.grid else ""))
+                      model_source=args.model or description, output_format=args.format, layout=args.layout,
+                      ranks=ranks)
+    if ranks.is_main:
+        drawn = sum(r["images"] for r in result.per_rank)
+        skipped = sum(r["skipped"] for r in result.per_rank)
+        note = f" ({skipped} already there)" if skipped else ""
+        if result.regenerated:
+            note += f" ({len(result.regenerated)} unreadable images drawn again)"
+        print(f"wrote {drawn} images to {args.out}{note}" + (f"; grid: {result.grid}" if result.grid else ""))
     return 0
 
 
@@ -396,6 +426,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("fastdiff: interrupted; images written so far are kept and a rerun resumes", file=sys.stderr)
         return 130
+    except RankFailedError as exc:  # another process of a torchrun launch failed: its error, its exit status
+        print(f"fastdiff: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (UsageError, ValueError, OSError) as exc:
         if args.traceback:
             raise

@@ -30,6 +30,9 @@ def _pil(image: np.ndarray) -> Image.Image:
     raise ValueError(f"cannot write an image with {image.shape[-1]} channels as PNG (1, 3 or 4 only)")
 
 
+pil_image = _pil  # uint8 [H, W, C] -> PIL image (C = 1, 3 or 4)
+
+
 def save_png_atomic(image: Image.Image, path: str) -> None:
     """Write ``image`` as a PNG through a temporary file in the same folder and an atomic rename."""
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import numbers
 import os
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -236,32 +238,16 @@ def check_init_image(init: torch.Tensor | None, image_shape) -> torch.Tensor | N
 
 @dataclasses.dataclass
 class GenerateResult:
-    written: list[str]  # PNGs written by this call
-    skipped: int  # images already on disk (resumed)
+    written: list[str]  # files written by this call (this process: PNGs, or npz shards)
+    skipped: int  # images already on disk (resumed), among this process's share
     grid: str | None
     manifest: str | None = None  # the run manifest (out_dir/run.json)
     regenerated: list[str] = dataclasses.field(default_factory=list)  # unreadable images found and drawn again
+    per_rank: list[dict] = dataclasses.field(default_factory=list)  # every process: images drawn, skipped, seconds
 
 
-def _images_to_draw(out_dir: str, num_images: int, image_shape) -> tuple[list[int], list[str]]:
-    """(indices to draw, unreadable existing images to draw again); a folder in an image's place is an error."""
-    todo, broken = [], []
-    for i in range(num_images):
-        path = imageio.image_path(out_dir, i)
-        if not os.path.lexists(path):
-            todo.append(i)
-        elif os.path.isdir(path):
-            raise ValueError(f"{path} is a folder, not an image; move it out of the output folder")
-        elif not imageio.is_sample_png(path, image_shape):
-            log.warning("%s is not a readable %s PNG; drawing it again", path, "x".join(map(str, image_shape)))
-            todo.append(i)
-            broken.append(path)
-    return todo, broken
-
-
-def _check_finite(images: torch.Tensor, indices, batch_number: int, num_batches: int) -> None:
-    """One device-side reduction and one host read per batch (never per step)."""
-    finite = torch.isfinite(images).flatten(1).all(1)
+def _raise_if_not_finite(finite: torch.Tensor, indices, batch_number: int, num_batches: int) -> None:
+    """``finite``: a host bool tensor, one entry per image of the batch (computed on the device, read once)."""
     if bool(finite.all()):
         return
     bad = [indices[k] for k in (~finite).nonzero().flatten().tolist()]
@@ -274,51 +260,84 @@ def _check_finite(images: torch.Tensor, indices, batch_number: int, num_batches:
 def generate(sampler: Sampler, *, num_images: int, batch_size: int, seed: int, steps: int, out_dir: str,
              eta: float = 0.0, init: torch.Tensor | None = None, strength: float = 1.0, grid: bool = True,
              progress: bool = True, image_shape=None, overwrite: bool = False,
-             model_source: str | None = None) -> GenerateResult:
-    """Write ``num_images`` PNGs (``out_dir/000000.png`` ...) in batches, plus ``grid.png`` and ``run.json``.
+             model_source: str | None = None, output_format: str = "png", layout: str = "auto",
+             ranks=None) -> GenerateResult:
+    """Write ``num_images`` images (PNGs ``out_dir/000000.png`` ..., or npz shards) plus ``grid.png`` and
+    ``run.json``.
 
     Before sampling: ``out_dir`` is created and proven writable, and its run manifest (``fastdiff.manifest``)
     is checked: a rerun with the same settings resumes (images already there, if readable, are kept), other
     settings raise ``RunMismatchError`` unless ``overwrite`` (which removes the old images first). A batch
     with NaN or infinite values raises ``NonFiniteOutputError`` and writes nothing. ``model_source`` (a path
-    or a description of the weights) is recorded in the manifest.
+    or a description of the weights) is recorded in the manifest. ``output_format`` and ``layout``: see ``fastdiff.output``; a
+    background writer encodes and writes while the next batch samples.
+
+    ``ranks`` (``fastdiff.distributed.Ranks``, under torchrun): this process draws its share of the indices;
+    rank 0 prepares the folder before the others start and writes the grid and the manifest after all are done.
     """
+    from . import output
+    from .distributed import ABORT_FLAG, Ranks
     from .fileio import prepare_output_dir
     from .manifest import RunManifest
 
+    ranks = ranks or Ranks()
     _check_positive_int("num_images", num_images)
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("steps", steps)
     check_seed(seed)
+    output.check_format(output_format)
+    output.resolve_layout(layout, num_images)
     image_shape = tuple(image_shape or sampler.image_shape)
     init = check_init_image(init, image_shape)
     first_step = sampler.plan(steps, eta).scheduler.img2img_start(strength) if init is not None else 0
-    prepare_output_dir(out_dir)
-    manifest = RunManifest.for_sampling(sampler, seed=seed, steps=steps, eta=eta, image_shape=image_shape, init=init,
-                                        strength=strength, num_images=num_images, model=model_source)
-    manifest.check_or_write(out_dir, overwrite)
-    todo, broken = _images_to_draw(out_dir, num_images, image_shape)
-    skipped = num_images - len(todo)
-    if skipped:
-        log.info("resuming: %d of %d images already in %s", skipped, num_images, out_dir)
-    batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
-    steps_per_batch = max(steps - first_step, 0)
-    written = []
-    bar = tqdm(total=len(batches) * steps_per_batch, unit="step", disable=not progress,
-               desc=f"{len(todo)} images")
-    try:
-        for number, indices in enumerate(batches):
-            seeds = image_seeds(seed, indices)
-            out = sampler.sample(seeds, steps=steps, eta=eta, init=init, strength=strength, image_shape=image_shape,
-                                 on_step=bar.update if progress else None)
-            _check_finite(out, indices, number, len(batches))
-            written += imageio.save_images(out, out_dir, indices)
-    finally:
-        bar.close()
-    grid_path = None
-    if grid:
-        pictures = imageio.load_png_folder(out_dir, range(num_images))
-        grid_path = os.path.join(out_dir, "grid.png")
-        imageio.save_png_atomic(imageio.make_grid(pictures, ncols=math.ceil(math.sqrt(num_images))), grid_path)
+    manifest = None
+    with ranks.stage("preparing the output folder"):
+        if ranks.is_main:
+            prepare_output_dir(out_dir)
+            manifest = RunManifest.for_sampling(sampler, seed=seed, steps=steps, eta=eta, image_shape=image_shape,
+                                                init=init, strength=strength, num_images=num_images, model=model_source)
+            output.start_run(out_dir, manifest, output_format, layout, num_images, overwrite)
+            if os.path.lexists(os.path.join(out_dir, ABORT_FLAG)):
+                os.unlink(os.path.join(out_dir, ABORT_FLAG))
+    ranks.abort_flag = os.path.join(out_dir, ABORT_FLAG)
+    report = {}
+    with ranks.stage("sampling", report):
+        store = output.ImageStore.for_run(out_dir, image_shape)
+        mine = ranks.my_indices(range(num_images), batch_size)
+        todo, broken = store.missing(mine)
+        skipped = len(mine) - len(todo)
+        if skipped:
+            log.info("resuming: %d of %d images already in %s", skipped, len(mine), out_dir)
+        batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+        steps_per_batch = max(steps - first_step, 0)
+        bar = tqdm(total=len(batches) * steps_per_batch, unit="step", disable=not progress or not ranks.is_main,
+                   desc=f"{len(todo)} images" + (f" (rank 0 of {ranks.world_size})" if ranks.distributed else ""))
+        start = time.perf_counter()
+        try:
+            with output.BackgroundWriter(store) as writer:
+                for number, indices in enumerate(batches):
+                    if ranks.should_stop():
+                        break
+                    seeds = image_seeds(seed, indices)
+                    out = sampler.sample(seeds, steps=steps, eta=eta, init=init, strength=strength,
+                                         image_shape=image_shape, on_step=bar.update if progress else None)
+                    writer.submit(out, indices, functools.partial(_raise_if_not_finite, indices=indices,
+                                                                  batch_number=number, num_batches=len(batches)))
+            written = writer.written
+        finally:
+            bar.close()
+        report.update(rank=ranks.rank, images=len(todo), skipped=skipped, seconds=time.perf_counter() - start)
+    per_rank = ranks.reports["sampling"]
+    grid_path = os.path.join(out_dir, "grid.png") if grid else None
+    with ranks.stage("writing the grid and the manifest"):
+        if ranks.is_main:
+            if grid:
+                shown = min(num_images, output.GRID_MAX_IMAGES)
+                pictures = store.load(range(shown))
+                imageio.save_png_atomic(imageio.make_grid(pictures, ncols=math.ceil(math.sqrt(shown))), grid_path)
+            drawn = sum(r["images"] for r in per_rank)
+            seconds = max(r["seconds"] for r in per_rank)
+            manifest.record(out_dir, world_size=ranks.world_size, images_per_rank=[r["images"] for r in per_rank],
+                            images_per_second=round(drawn / seconds, 3) if drawn and seconds > 0 else None)
     return GenerateResult(written=written, skipped=skipped, grid=grid_path,
-                          manifest=os.path.join(out_dir, "run.json"), regenerated=broken)
+                          manifest=os.path.join(out_dir, "run.json"), regenerated=broken, per_rank=per_rank)

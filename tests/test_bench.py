@@ -389,3 +389,19 @@ def test_gpu_check_part_timeout_kills_the_part(tmp_path):
                                                 "import time; time.sleep(60)"], 2, log)
     assert result["timed_out"] and not result["passed"] and result["seconds"] < 30
     assert "started" in (tmp_path / "log").read_text()
+
+
+def test_output_bench_report(tmp_path):
+    """`fastdiff bench output` at a micro size: every mode measured, ratios recomputed from the report."""
+    assert cli.main(["bench", "output", "--device", "cpu", "--quick", "--batch", "4", "--batches", "2", "--steps", "1",
+                     "--repeats", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "output.json").read_text())
+    assert nulls_without_reason(report) == []
+    runs = {r["mode"]: r for r in report["runs"]}
+    assert set(runs) == {"sampling", "png_inline", "png_background", "npz_background", "generate", "writes_alone"}
+    for r in runs.values():
+        assert r["median_s"] == statistics.median(r["samples_s"]) and r["images"] == 8
+        assert close(r["images_per_second"], 8 / r["median_s"])
+        assert close(r["fraction_of_sampling_alone"], r["images_per_second"] / runs["sampling"]["images_per_second"])
+    assert report["ranks_scaling"] is None and "Predicted" in report["ranks_scaling_reason"]
+    assert "| png_background |" in (tmp_path / "output.md").read_text()
