@@ -1,7 +1,7 @@
 """DDPM and DDIM schedulers, diffusers-compatible, stepping through one fused update op.
 
 ``set_timesteps`` computes every coefficient on the host in float64 and stores device buffers
-(``.timesteps``, ``.coeffs`` [steps, 9] in ``fastdiff.ops.STEP_COEFFS`` order, ``.noise_streams``);
+(``.timesteps``, ``.coeffs`` [steps, 11] in ``fastdiff.ops.STEP_COEFFS`` order, ``.noise_streams``);
 ``step`` takes a timestep like diffusers, ``step_at`` a step index (an int or a device tensor, no host sync).
 """
 
