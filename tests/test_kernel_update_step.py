@@ -139,6 +139,58 @@ def test_full_matrix(dtype, layout, noise_mode, clip, step_kind):
         run_both(make(shape, dtype, layout), make(shape, dtype, layout), coeffs, step, noise_mode, clip)
 
 
+# ---- several programs per image in every grid dimension -------------------------------------------------------
+
+# (shape, layout): every image spans several programs in each grid dimension of its kernel (checked below).
+# NCHW / noise-free / noise-tensor steps run the flat kernel (2048 elements a program): 3 x 41 x 37 = 4551
+# elements an image is 3 programs, the last one partial. channels_last Philox runs the tile kernel (64 channels
+# a program): C = 67 is 2 channel programs; 6 x 6 (36 pixels, 9 quads of 4 per 4-quad program) and 7 x 5
+# (35 pixels, 16 a program) are 3 pixel programs each, quads and per-element paths; C = 3 with 24 x 24 and
+# 23 x 25 gives 3 pixel programs of the small-C plan.
+MULTI_PROGRAM_SHAPES = {
+    "nchw": [(2, 3, 41, 37)],
+    "channels_last": [(2, 67, 6, 6), (2, 67, 7, 5), (2, 3, 24, 24), (2, 3, 23, 25)],
+}
+
+
+def programs_per_image(shape, layout, philox):
+    """Programs per image along each grid dimension but the image one, from the launcher's own plan."""
+    from fastdiff.kernels.update_step_kernels import plan_update_step
+
+    _, c, h, w = shape
+    plan = plan_update_step(c, h * w, layout, philox)
+    if plan.kernel == "cl_philox":
+        pixels = h * w // 4 if plan.quads else h * w
+        return [-(-pixels // plan.block_p), -(-c // plan.block_c)]
+    return [-(-c * h * w // plan.block)]
+
+
+def _several_programs_cases():
+    cases = []
+    for noise_mode in ("none", "tensor", "philox"):
+        for layout in LAYOUTS:
+            for dtype, dtype_id in zip(DTYPES, DTYPE_IDS):
+                slow = noise_mode == "philox" and layout == "channels_last" and dtype == torch.float32  # ~6 s
+                cases.append(pytest.param(dtype, layout, noise_mode, id=f"{noise_mode}-{layout}-{dtype_id}",
+                                          marks=(pytest.mark.slow,) if slow else ()))
+    return cases
+
+
+@pytest.mark.parametrize("dtype,layout,noise_mode", _several_programs_cases())
+def test_several_programs_per_image(dtype, layout, noise_mode):
+    """Every program of every image writes its part (outputs start as NaN), batch 2, device step index."""
+    coeffs = table("ddpm", "epsilon")
+    shapes = MULTI_PROGRAM_SHAPES[layout if noise_mode == "philox" else "nchw"]
+    if dtype != torch.float32:
+        shapes = shapes[:2]  # the interpreter's time: f32 takes all four tile shapes, half precision the C = 67 ones
+    counts = [programs_per_image(shape, layout, noise_mode == "philox") for shape in shapes]
+    assert all(c[0] >= 2 for c in counts) and all(max(dim) >= 2 for dim in zip(*counts)), \
+        f"{layout} {noise_mode}: {counts} programs per image, not several in every grid dimension"
+    for shape in shapes:
+        x, m = make(shape, dtype, layout), make(shape, dtype, layout)
+        run_both(x, m, coeffs, torch.tensor(1, device=DEVICE), noise_mode, clip=1.0)
+
+
 @gpu_only
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("noise_mode", ["none", "tensor", "philox"])
