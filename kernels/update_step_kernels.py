@@ -186,8 +186,10 @@ def _update(x, m, z, c, clip_lo, clip_hi, NOISE: tl.constexpr, SHORTCUTS: tl.con
     as the reference (subtract, then scale).
 
     SHORTCUTS: branch on the row (uniform across the program) to skip terms that are exact no-ops for finite
-    values. Saves 7-10 SASS instructions an element in the flat kernel (DDPM Philox fp16: 74 -> 64); the
-    channels_last kernel updates four sub-tiles and would repeat the branches, so it computes every term."""
+    values: 6-10 SASS instructions an element fewer (DDPM Philox fp16: 73 -> 64). Used only by the flat kernel
+    with Philox noise, the one variant whose instruction issue rather than memory bounds it: elsewhere the
+    branches would only cost registers (Triton 3.6: 32 -> 72 for the noise-free flat kernel), and the
+    channels_last kernel updates four sub-tiles and would repeat them."""
     x0 = (c[0] * x + c[1] * m) * c[2]
     x0 = tl.minimum(tl.maximum(x0, clip_lo, propagate_nan=tl.PropagateNan.ALL), clip_hi,
                     propagate_nan=tl.PropagateNan.ALL)
@@ -271,7 +273,7 @@ def _update_step_kernel(
         z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK // 4, 4])
     else:
         z = x
-    y = _update(x, m, z, c, clip_lo, clip_hi, NOISE, True)
+    y = _update(x, m, z, c, clip_lo, clip_hi, NOISE, NOISE == 2)  # shortcuts where issue-bound (Philox)
     tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
