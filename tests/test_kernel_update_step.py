@@ -95,14 +95,25 @@ def run_both(sample, model_output, coeffs, step, noise_mode="tensor", clip=None,
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("clip", [None, 1.0], ids=["noclip", "clip1"])
 def test_sampler_variants_explicit_noise(variant, clip):
-    """float32 with a noise tensor is bit-identical to the reference: same operation order, no contraction, and
-    the kernel's row-dependent shortcuts (DDPM rows: no eps term; epsilon DDIM rows: eps = m) drop only exact
-    no-ops."""
+    """float32 with a noise tensor is bit-identical to the reference: same operation order, no contraction."""
     coeffs = table(*VARIANTS[variant])
     x = make((3, 3, 7, 5), torch.float32, "nchw")
     m = make((3, 3, 7, 5), torch.float32, "nchw")
     for step in range(coeffs.shape[0]):
         res, ref = run_both(x, m, coeffs, step if step % 2 else torch.tensor(step, device=DEVICE), "tensor", clip)
+        assert torch.equal(res, ref), f"step {step}: max difference {(res - ref).abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_philox_path_shortcuts_are_exact(variant):
+    """With Philox noise the flat kernel branches on the row (DDPM rows: no eps term; epsilon DDIM rows:
+    eps = m). With the noise column zeroed (0 * z adds nothing) its float32 result must equal the reference
+    bit for bit on every sampler table, whichever branch the row takes."""
+    coeffs = table(*VARIANTS[variant]).clone()
+    coeffs[:, ops.STEP_COEFFS.index("noise_std")] = 0.0
+    x, m = make((2, 3, 7, 5), torch.float32, "nchw"), make((2, 3, 7, 5), torch.float32, "nchw")
+    for step in range(coeffs.shape[0]):
+        res, ref = run_both(x, m, coeffs, torch.tensor(step, device=DEVICE), "philox", clip=1.0)
         assert torch.equal(res, ref), f"step {step}: max difference {(res - ref).abs().max().item():.3e}"
 
 
