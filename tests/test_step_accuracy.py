@@ -149,7 +149,7 @@ def test_ddpm_variance_types_accuracy(request, variance):
 def test_noisiest_step_accuracy_triton(request, cls, prediction):
     """The Triton kernel (interpreter on the CPU) at the cosine schedule's t = 999 and at the last step."""
     ours = cls(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing", prediction_type=prediction)
-    ours.set_timesteps(N_STEPS, **({"eta": 1.0} if cls is DDIMScheduler else {}))
+    ours.set_timesteps(N_STEPS, device=DEVICE, **({"eta": 1.0} if cls is DDIMScheduler else {}))
     assert ours.timesteps[0].item() == 999
     for k, index in enumerate((STEPS["first"], STEPS["last"])):
         check_step(ours, index, stable_seed(request) + k, eta=1.0 if cls is DDIMScheduler else 0.0, backend="triton")
