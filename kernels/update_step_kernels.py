@@ -3,11 +3,13 @@
 Math (``fastdiff.ops.reference.STEP_COEFFS``), with x = x_t, m = the model output, z = standard normal noise
 and ``c`` the coefficient row of this step:
 
-    x0   = clip(c.x0_from_x * x + c.x0_from_m * m)
-    eps  = c.eps_from_x * x + c.eps_from_m * m + c.eps_from_x0 * x0
+    x0   = clip((c.x0_from_x * x + c.x0_from_m * m) * c.x0_scale)
+    eps  = (c.eps_from_x * x + c.eps_from_m * m + c.eps_from_x0 * x0) * c.eps_scale
     prev = c.prev_from_x0 * x0 + c.prev_from_eps * eps + c.prev_from_x * x + c.noise_std * z
 
-The coefficient row and the Philox stream are read on the device from ``coeffs_ptr + step * 9`` and
+in float32, left to right, every product and sum rounded once, exactly as the reference (subtract first, then
+scale: see STEP_COEFFS). The coefficient row and the Philox stream are read on the device from
+``coeffs_ptr + step * N_STEP_COEFFS`` and
 ``streams_ptr + step``, where ``step`` is either a launch argument or read from an integer device tensor,
 so a step is capturable in a CUDA graph and never recompiles (coefficients are runtime data).
 
@@ -35,7 +37,8 @@ import triton.language as tl
 from ._common import (CHANNELS_LAST, FLOAT_DTYPES, INT32_MAX, NCHW, cdiv, check_out, layout_of, memory_format,
                       next_pow2, update_step_problem)
 
-N_STEP_COEFFS = 9
+N_STEP_COEFFS = 11  # = len(fastdiff.ops.reference.STEP_COEFFS)
+_N_COEFFS: tl.constexpr = tl.constexpr(N_STEP_COEFFS)
 FP_FUSION = False
 
 # Philox-4x32 constants (Salmon et al., 2011), identical to fastdiff/ops/noise.py.
@@ -150,52 +153,70 @@ def _normal4(counter, stream, seed):
 
 @triton.jit
 def _load_step(coeffs_ptr, step_ptr, step_value, step_from_ptr, n_steps, streams_ptr, NOISE: tl.constexpr):
-    """The step's coefficient row (9 float32) and Philox stream (uint32), read on the device.
+    """The step's coefficient row (11 float32, STEP_COEFFS order) and Philox stream (uint32), read on the device.
 
     Negative indices wrap as in Python; an index outside the table gives a NaN row (never a stray read).
     """
     step = tl.load(step_ptr, mask=step_from_ptr != 0, other=0).to(tl.int32) + step_value
     step = tl.where(step < 0, step + n_steps, step)
     ok = (step >= 0) & (step < n_steps)
-    row = coeffs_ptr + step * 9
+    row = coeffs_ptr + step * _N_COEFFS
     nan = float("nan")
     x0_x = tl.load(row + 0, mask=ok, other=nan)
     x0_m = tl.load(row + 1, mask=ok, other=nan)
-    eps_x = tl.load(row + 2, mask=ok, other=nan)
-    eps_m = tl.load(row + 3, mask=ok, other=nan)
-    eps_x0 = tl.load(row + 4, mask=ok, other=nan)
-    prev_x0 = tl.load(row + 5, mask=ok, other=nan)
-    prev_eps = tl.load(row + 6, mask=ok, other=nan)
-    prev_x = tl.load(row + 7, mask=ok, other=nan)
-    noise_std = tl.load(row + 8, mask=ok, other=nan)
+    x0_scale = tl.load(row + 2, mask=ok, other=nan)
+    eps_x = tl.load(row + 3, mask=ok, other=nan)
+    eps_m = tl.load(row + 4, mask=ok, other=nan)
+    eps_x0 = tl.load(row + 5, mask=ok, other=nan)
+    eps_scale = tl.load(row + 6, mask=ok, other=nan)
+    prev_x0 = tl.load(row + 7, mask=ok, other=nan)
+    prev_eps = tl.load(row + 8, mask=ok, other=nan)
+    prev_x = tl.load(row + 9, mask=ok, other=nan)
+    noise_std = tl.load(row + 10, mask=ok, other=nan)
     if NOISE == 2:
         stream = tl.load(streams_ptr + step, mask=ok, other=0).to(tl.uint32)
     else:
         stream = tl.zeros([], tl.uint32)
-    return x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, stream
+    return (x0_x, x0_m, x0_scale, eps_x, eps_m, eps_x0, eps_scale, prev_x0, prev_eps, prev_x, noise_std), stream
 
 
 @triton.jit
-def _update(x, m, z, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo, clip_hi,
-            NOISE: tl.constexpr):
-    """x_{t-1} from float32 x, m (and z when NOISE != 0); same operation order as the reference."""
-    x0 = x0_x * x + x0_m * m
+def _update(x, m, z, c, clip_lo, clip_hi, NOISE: tl.constexpr, SHORTCUTS: tl.constexpr):
+    """x_{t-1} from float32 x, m (and z when NOISE != 0) and the row ``c`` of ``_load_step``; same operation order
+    as the reference (subtract, then scale).
+
+    SHORTCUTS: branch on the row (uniform across the program) to skip terms that are exact no-ops for finite
+    values: 6-10 SASS instructions an element fewer (DDPM Philox fp16: 73 -> 64). Used only by the flat kernel
+    with Philox noise, the one variant whose instruction issue rather than memory bounds it: elsewhere the
+    branches would only cost registers (Triton 3.6: 32 -> 72 for the noise-free flat kernel), and the
+    channels_last kernel updates four sub-tiles and would repeat them."""
+    x0 = (c[0] * x + c[1] * m) * c[2]
     x0 = tl.minimum(tl.maximum(x0, clip_lo, propagate_nan=tl.PropagateNan.ALL), clip_hi,
                     propagate_nan=tl.PropagateNan.ALL)
-    eps = eps_x * x + eps_m * m + eps_x0 * x0
-    prev = prev_x0 * x0 + prev_eps * eps + prev_x * x
+    # Uniform branches on the row skip terms that are exact no-ops for finite values (x + 0 * y == x, 1 * y == y,
+    # up to the sign of a zero): DDPM rows have no eps term, epsilon-prediction DDIM rows have eps = m.
+    if not SHORTCUTS:
+        eps = (c[3] * x + c[4] * m + c[5] * x0) * c[6]
+        prev = c[7] * x0 + c[8] * eps + c[9] * x
+    elif c[8] == 0.0:
+        prev = c[7] * x0 + c[9] * x
+    else:
+        if (c[3] == 0.0) & (c[4] == 1.0) & (c[5] == 0.0) & (c[6] == 1.0):
+            eps = m
+        else:
+            eps = (c[3] * x + c[4] * m + c[5] * x0) * c[6]
+        prev = c[7] * x0 + c[8] * eps + c[9] * x
     if NOISE != 0:
-        prev = prev + noise_std * z
+        prev = prev + c[10] * z
     return prev
 
 
 @triton.jit
-def _update_tile(x_ptr, m_ptr, out_ptr, offs, mask, z, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x,
-                 noise_std, clip_lo, clip_hi):
+def _update_tile(x_ptr, m_ptr, out_ptr, offs, mask, z, c, clip_lo, clip_hi):
     """Load x and m at ``offs``, apply ``_update`` with noise z, store x_{t-1}: one tile of the quad path."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _update(x, m, z, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo, clip_hi, 2)
+    y = _update(x, m, z, c, clip_lo, clip_hi, 2, False)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -210,7 +231,7 @@ def _update_step_kernel(
     m_ptr,  # model output, same shape and layout as x
     z_ptr,  # noise, same shape and layout as x (read only when NOISE == 1)
     out_ptr,  # x_{t-1}, same shape and layout as x (may alias x_ptr)
-    coeffs_ptr,  # float32 [n_steps, 9] coefficient table, row-major
+    coeffs_ptr,  # float32 [n_steps, N_STEP_COEFFS] coefficient table, row-major
     step_ptr,  # integer device scalar holding the step index (read only when step_from_ptr != 0)
     step_value,  # int32 step index added to the value read (the Python step index, or 0)
     step_from_ptr,  # int32: 1 = read the step index from step_ptr, 0 = use step_value alone
@@ -225,16 +246,20 @@ def _update_step_kernel(
 ):
     """One update step over a block of one image, memory order = logical NCHW order.
 
-    The block is a [BLOCK // 4, 4] tile: row r holds elements 4r..4r+3, which one Philox call serves.
+    Without Philox the block is flat (each thread moves 16-byte vectors). With Philox it is a [BLOCK // 4, 4] tile:
+    row r holds elements 4r..4r+3, which one Philox call serves (half precision then moves 8-byte vectors: a
+    [BLOCK // 8, 8] tile would need a shared-memory layout conversion of the noise, for no fewer instructions).
     Bytes per element: reads 2 * s (x, m) [+ s for a noise tensor], writes s, s = element size
     (float16: 6 bytes, or 8 with a noise tensor). Philox noise costs no memory traffic.
     """
     pid = tl.program_id(0)
     img = tl.program_id(1)
-    x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, stream = _load_step(
-        coeffs_ptr, step_ptr, step_value, step_from_ptr, n_steps, streams_ptr, NOISE)
-    quad = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)  # index of 4-element group inside the image
-    offs = quad[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK // 4, 4] logical (= memory) index
+    c, stream = _load_step(coeffs_ptr, step_ptr, step_value, step_from_ptr, n_steps, streams_ptr, NOISE)
+    if NOISE == 2:
+        quad = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)  # index of 4-element group inside the image
+        offs = quad[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK // 4, 4] logical (= memory) index
+    else:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel_img
     base = img.to(tl.int64) * numel_img
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -248,8 +273,7 @@ def _update_step_kernel(
         z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK // 4, 4])
     else:
         z = x
-    y = _update(x, m, z, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo, clip_hi,
-                NOISE)
+    y = _update(x, m, z, c, clip_lo, clip_hi, NOISE, NOISE == 2)  # shortcuts where issue-bound (Philox)
     tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -258,7 +282,7 @@ def _update_step_cl_philox_kernel(
     x_ptr,  # sample x_t: [N, H, W, C] memory order (channels_last)
     m_ptr,  # model output, same layout
     out_ptr,  # x_{t-1}, same layout (may alias x_ptr)
-    coeffs_ptr,  # float32 [n_steps, 9] coefficient table, row-major
+    coeffs_ptr,  # float32 [n_steps, N_STEP_COEFFS] coefficient table, row-major
     step_ptr,  # integer device scalar holding the step index (read only when step_from_ptr != 0)
     step_value,  # int32 step index added to the value read
     step_from_ptr,  # int32: 1 = read the step index from step_ptr
@@ -284,7 +308,7 @@ def _update_step_cl_philox_kernel(
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     img = tl.program_id(2)
-    x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, stream = _load_step(
+    c, stream = _load_step(
         coeffs_ptr, step_ptr, step_value, step_from_ptr, n_steps, streams_ptr, 2)
     seed = tl.load(seeds_ptr + img)
     base = img.to(tl.int64) * C * HW
@@ -296,14 +320,10 @@ def _update_step_cl_philox_kernel(
         n0, n1, n2, n3 = _normal4(counter, stream, seed)
         pix = quad * 4
         offs = pix[:, None] * C + ch[None, :]
-        _update_tile(x_ptr, m_ptr, out_ptr, base + offs, mask, n0, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0,
-                     prev_eps, prev_x, noise_std, clip_lo, clip_hi)  # pixel 4q
-        _update_tile(x_ptr, m_ptr, out_ptr, base + offs + C, mask, n1, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0,
-                     prev_eps, prev_x, noise_std, clip_lo, clip_hi)  # pixel 4q + 1
-        _update_tile(x_ptr, m_ptr, out_ptr, base + offs + 2 * C, mask, n2, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0,
-                     prev_eps, prev_x, noise_std, clip_lo, clip_hi)  # pixel 4q + 2
-        _update_tile(x_ptr, m_ptr, out_ptr, base + offs + 3 * C, mask, n3, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0,
-                     prev_eps, prev_x, noise_std, clip_lo, clip_hi)  # pixel 4q + 3
+        _update_tile(x_ptr, m_ptr, out_ptr, base + offs, mask, n0, c, clip_lo, clip_hi)  # pixel 4q
+        _update_tile(x_ptr, m_ptr, out_ptr, base + offs + C, mask, n1, c, clip_lo, clip_hi)  # pixel 4q + 1
+        _update_tile(x_ptr, m_ptr, out_ptr, base + offs + 2 * C, mask, n2, c, clip_lo, clip_hi)  # pixel 4q + 2
+        _update_tile(x_ptr, m_ptr, out_ptr, base + offs + 3 * C, mask, n3, c, clip_lo, clip_hi)  # pixel 4q + 3
     else:
         pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         mask = (pix[:, None] < HW) & (ch[None, :] < C)
@@ -314,8 +334,7 @@ def _update_step_cl_philox_kernel(
         offs = pix[:, None] * C + ch[None, :]
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        y = _update(x, m, z, x0_x, x0_m, eps_x, eps_m, eps_x0, prev_x0, prev_eps, prev_x, noise_std, clip_lo,
-                    clip_hi, 2)
+        y = _update(x, m, z, c, clip_lo, clip_hi, 2, False)
         tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -397,7 +416,7 @@ def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, no
         raise ValueError(f"update_step: {problem}")
     device = sample.device
     if coeffs.dim() != 2 or coeffs.shape[1] != N_STEP_COEFFS or coeffs.dtype != torch.float32:
-        raise ValueError(f"update_step: coeffs must be float32 [steps, 9], got {coeffs.dtype} {tuple(coeffs.shape)}")
+        raise ValueError(f"update_step: coeffs must be float32 [steps, {N_STEP_COEFFS}], got {coeffs.dtype} {tuple(coeffs.shape)}")
     if coeffs.device != device or not coeffs.is_contiguous():
         raise ValueError("update_step: coeffs must be a contiguous tensor on the sample's device")
     n_steps = coeffs.shape[0]

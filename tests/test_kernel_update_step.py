@@ -12,13 +12,12 @@ fresh random every run and outputs start as NaN.
 # first: settles TRITON_INTERPRET before the kernel modules load
 from kernel_device import DEVICE, PHILOX_F32_RTOL, gpu_only, randn
 
-import math
-
 import pytest
 import torch
 
 from fastdiff import kernels, ops
 from fastdiff.ops import reference
+from fastdiff.schedulers import DDIMScheduler, DDPMScheduler
 from fastdiff.testing import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -26,61 +25,37 @@ DTYPE_IDS = ["f32", "f16", "bf16"]
 LAYOUTS = ["nchw", "channels_last"]
 
 
-# ---- coefficient tables of the samplers, built from the formulas (float64, stored float32) --------------------
+# ---- coefficient tables of the samplers (fastdiff.schedulers, float64 on the host, stored float32) ------------
 
 
-def alphas_cumprod(T=1000):
-    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64, device="cpu")  # host-side, like a scheduler
-    return torch.cumprod(1 - betas, 0)
+def random_table(steps=6):
+    """Random standard normal rows."""
+    return randn(steps, ops.N_STEP_COEFFS)
 
 
-def x0_coeffs(pred, a):
-    """x0 = x0_from_x * x + x0_from_m * m for the three prediction types."""
-    if pred == "epsilon":  # x0 = (x - sqrt(1 - a) eps) / sqrt(a)
-        return 1 / math.sqrt(a), -math.sqrt(1 - a) / math.sqrt(a)
-    if pred == "sample":
-        return 0.0, 1.0
-    if pred == "v_prediction":  # x0 = sqrt(a) x - sqrt(1 - a) v
-        return math.sqrt(a), -math.sqrt(1 - a)
-    raise ValueError(pred)
-
-
-def ddpm_row(pred, t, ac):
-    """Ho et al. 2020, eq. 7: prev = c1 x0 + c2 x_t + sigma z."""
-    a, a_prev = ac[t].item(), (ac[t - 1].item() if t > 0 else 1.0)
-    beta = 1 - a / a_prev
-    x0_x, x0_m = x0_coeffs(pred, a)
-    c1 = math.sqrt(a_prev) * beta / (1 - a)
-    c2 = math.sqrt(1 - beta) * (1 - a_prev) / (1 - a)
-    sigma = math.sqrt(beta * (1 - a_prev) / (1 - a))
-    return [x0_x, x0_m, 0.0, 0.0, 0.0, c1, 0.0, c2, sigma]
-
-
-def ddim_row(pred, t, ac, eta, stride=20):
-    """Song et al. 2021, eq. 12: prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z, eps from x and x0."""
-    a, a_prev = ac[t].item(), (ac[t - stride].item() if t >= stride else 1.0)
-    x0_x, x0_m = x0_coeffs(pred, a)
-    s = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-    return [x0_x, x0_m, 1 / math.sqrt(1 - a), 0.0, -math.sqrt(a) / math.sqrt(1 - a), math.sqrt(a_prev),
-            math.sqrt(max(1 - a_prev - s * s, 0.0)), 0.0, s]
-
-
-def table(kind, pred="epsilon", eta=0.0, steps=(999, 500, 40, 0)):
-    ac = alphas_cumprod()
+def table(kind, pred="epsilon", eta=0.0, clipped_eps=False):
+    """Cosine schedule, 4 linspace steps [999, 666, 333, 0]: the noisiest step (alpha-bar 2.4e-9) to the last."""
     if kind == "random":
-        return randn(6, 9)
-    rows = [ddpm_row(pred, t, ac) if kind == "ddpm" else ddim_row(pred, t, ac, eta) for t in steps]
-    return torch.tensor(rows, dtype=torch.float64, device=DEVICE).float()
+        return random_table()
+    common = dict(beta_schedule="squaredcos_cap_v2", prediction_type=pred, timestep_spacing="linspace")
+    if kind == "ddpm":
+        sched = DDPMScheduler(**common)
+        sched.set_timesteps(4)
+    else:
+        sched = DDIMScheduler(**common)
+        sched.set_timesteps(4, eta=eta, use_clipped_model_output=clipped_eps)
+    return sched.coeffs.to(DEVICE)
 
 
 VARIANTS = {
-    "ddpm-eps": ("ddpm", "epsilon", 0.0),
-    "ddpm-sample": ("ddpm", "sample", 0.0),
-    "ddpm-v": ("ddpm", "v_prediction", 0.0),
-    "ddim-eps-eta0": ("ddim", "epsilon", 0.0),
-    "ddim-v-eta1": ("ddim", "v_prediction", 1.0),
-    "ddim-sample-eta0.5": ("ddim", "sample", 0.5),
-    "random-rows": ("random", None, 0.0),
+    "ddpm-eps": ("ddpm", "epsilon", 0.0, False),
+    "ddpm-sample": ("ddpm", "sample", 0.0, False),
+    "ddpm-v": ("ddpm", "v_prediction", 0.0, False),
+    "ddim-eps-eta0": ("ddim", "epsilon", 0.0, False),
+    "ddim-v-eta1": ("ddim", "v_prediction", 1.0, False),
+    "ddim-sample-eta0.5": ("ddim", "sample", 0.5, False),
+    "ddim-eps-clipped-eta1": ("ddim", "epsilon", 1.0, True),
+    "random-rows": ("random", None, 0.0, False),
 }
 
 
@@ -120,12 +95,26 @@ def run_both(sample, model_output, coeffs, step, noise_mode="tensor", clip=None,
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("clip", [None, 1.0], ids=["noclip", "clip1"])
 def test_sampler_variants_explicit_noise(variant, clip):
-    kind, pred, eta = VARIANTS[variant]
-    coeffs = table(kind, pred, eta)
+    """float32 with a noise tensor is bit-identical to the reference: same operation order, no contraction."""
+    coeffs = table(*VARIANTS[variant])
     x = make((3, 3, 7, 5), torch.float32, "nchw")
     m = make((3, 3, 7, 5), torch.float32, "nchw")
     for step in range(coeffs.shape[0]):
-        run_both(x, m, coeffs, step if step % 2 else torch.tensor(step, device=DEVICE), "tensor", clip)
+        res, ref = run_both(x, m, coeffs, step if step % 2 else torch.tensor(step, device=DEVICE), "tensor", clip)
+        assert torch.equal(res, ref), f"step {step}: max difference {(res - ref).abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_philox_path_shortcuts_are_exact(variant):
+    """With Philox noise the flat kernel branches on the row (DDPM rows: no eps term; epsilon DDIM rows:
+    eps = m). With the noise column zeroed (0 * z adds nothing) its float32 result must equal the reference
+    bit for bit on every sampler table, whichever branch the row takes."""
+    coeffs = table(*VARIANTS[variant]).clone()
+    coeffs[:, ops.STEP_COEFFS.index("noise_std")] = 0.0
+    x, m = make((2, 3, 7, 5), torch.float32, "nchw"), make((2, 3, 7, 5), torch.float32, "nchw")
+    for step in range(coeffs.shape[0]):
+        res, ref = run_both(x, m, coeffs, torch.tensor(step, device=DEVICE), "philox", clip=1.0)
+        assert torch.equal(res, ref), f"step {step}: max difference {(res - ref).abs().max().item():.3e}"
 
 
 # ---- dtypes x layouts x noise modes ------------------------------------------------------------------------
@@ -165,14 +154,67 @@ def test_full_matrix(dtype, layout, noise_mode, clip, step_kind):
         run_both(make(shape, dtype, layout), make(shape, dtype, layout), coeffs, step, noise_mode, clip)
 
 
+# ---- several programs per image in every grid dimension -------------------------------------------------------
+
+# (shape, layout): every image spans several programs in each grid dimension of its kernel (checked below).
+# NCHW / noise-free / noise-tensor steps run the flat kernel (2048 elements a program): 3 x 41 x 37 = 4551
+# elements an image is 3 programs, the last one partial. channels_last Philox runs the tile kernel (64 channels
+# a program): C = 67 is 2 channel programs; 6 x 6 (36 pixels, 9 quads of 4 per 4-quad program) and 7 x 5
+# (35 pixels, 16 a program) are 3 pixel programs each, quads and per-element paths; C = 3 with 24 x 24 and
+# 23 x 25 gives 3 pixel programs of the small-C plan.
+MULTI_PROGRAM_SHAPES = {
+    "nchw": [(2, 3, 41, 37)],
+    "channels_last": [(2, 67, 6, 6), (2, 67, 7, 5), (2, 3, 24, 24), (2, 3, 23, 25)],
+}
+
+
+def programs_per_image(shape, layout, philox):
+    """Programs per image along each grid dimension but the image one, from the launcher's own plan."""
+    from fastdiff.kernels.update_step_kernels import plan_update_step
+
+    _, c, h, w = shape
+    plan = plan_update_step(c, h * w, layout, philox)
+    if plan.kernel == "cl_philox":
+        pixels = h * w // 4 if plan.quads else h * w
+        return [-(-pixels // plan.block_p), -(-c // plan.block_c)]
+    return [-(-c * h * w // plan.block)]
+
+
+def _several_programs_cases():
+    cases = []
+    for noise_mode in ("none", "tensor", "philox"):
+        for layout in LAYOUTS:
+            for dtype, dtype_id in zip(DTYPES, DTYPE_IDS):
+                slow = noise_mode == "philox" and layout == "channels_last" and dtype == torch.float32  # ~6 s
+                cases.append(pytest.param(dtype, layout, noise_mode, id=f"{noise_mode}-{layout}-{dtype_id}",
+                                          marks=(pytest.mark.slow,) if slow else ()))
+    return cases
+
+
+@pytest.mark.parametrize("dtype,layout,noise_mode", _several_programs_cases())
+def test_several_programs_per_image(dtype, layout, noise_mode):
+    """Every program of every image writes its part (outputs start as NaN), batch 2, device step index."""
+    coeffs = table("ddpm", "epsilon")
+    shapes = MULTI_PROGRAM_SHAPES[layout if noise_mode == "philox" else "nchw"]
+    if dtype != torch.float32:
+        shapes = shapes[:2]  # the interpreter's time: f32 takes all four tile shapes, half precision the C = 67 ones
+    counts = [programs_per_image(shape, layout, noise_mode == "philox") for shape in shapes]
+    assert all(c[0] >= 2 for c in counts) and all(max(dim) >= 2 for dim in zip(*counts)), \
+        f"{layout} {noise_mode}: {counts} programs per image, not several in every grid dimension"
+    for shape in shapes:
+        x, m = make(shape, dtype, layout), make(shape, dtype, layout)
+        run_both(x, m, coeffs, torch.tensor(1, device=DEVICE), noise_mode, clip=1.0)
+
+
 @gpu_only
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("noise_mode", ["none", "tensor", "philox"])
 def test_gpu_realistic_batch(layout, noise_mode):
     """16x3x256x256 float16 (the LSUN-256 latent at batch 16) through a 1000-step DDPM table, device step index:
     many programs per image and, for channels_last Philox, the pixel-quad kernel across 3 channels."""
-    ac = alphas_cumprod()
-    coeffs = torch.tensor([ddpm_row("epsilon", t, ac) for t in range(1000)], dtype=torch.float64, device=DEVICE).float()
+    sched = DDPMScheduler()
+    sched.set_timesteps(1000)
+    coeffs = sched.coeffs.to(DEVICE)
     x, m = make((16, 3, 256, 256), torch.float16, layout), make((16, 3, 256, 256), torch.float16, layout)
     run_both(x, m, coeffs, torch.tensor(617, device=DEVICE), noise_mode, clip=1.0)
 

@@ -17,7 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+import triton
+import triton.language as tl
+
 from fastdiff import kernels, ops
+from fastdiff.kernels import update_step_kernels
+from fastdiff.ops import noise as noise_spec
 from fastdiff.ops import reference
 from fastdiff.ops.noise import gaussian_noise_reference
 from fastdiff.testing import assert_close
@@ -95,6 +100,74 @@ def test_kernel_noise_uncorrelated_across_images_and_streams(kernel_noise):
     assert_uncorrelated(flat, next_stream, "streams s and s + 1")
 
 
+# ---- known answers -------------------------------------------------------------------------------------------
+
+# Philox-4x32-10 known-answer vectors of Random123 (DEShawResearch/random123, tests/kat_vectors, the three
+# "philox4x32 10" lines): counter c0..c3, key k0 k1 -> output r0..r3.
+PHILOX_KAT = [
+    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
+     (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
+     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+def test_reference_philox_known_answers():
+    for counter, key, expected in PHILOX_KAT:
+        words = [torch.tensor([w], dtype=torch.int64) for w in (*counter, *key)]
+        got = [int(r.item()) for r in noise_spec.philox4x32(*words)]
+        assert got == list(expected), f"counter {counter} key {key}: {[hex(g) for g in got]}"
+
+
+@triton.jit
+def _philox_kat_kernel(words_ptr, out_ptr):
+    """out[i, :] = Philox-4x32-10(counter words[i, 0:4], key words[i, 4:6]) through the update kernels' helper."""
+    i = tl.program_id(0)
+    w = words_ptr + i * 6
+    c0 = tl.load(w + tl.arange(0, 1)).to(tl.uint32, bitcast=True)
+    c1 = tl.load(w + 1 + tl.arange(0, 1)).to(tl.uint32, bitcast=True)
+    c2 = tl.load(w + 2 + tl.arange(0, 1)).to(tl.uint32, bitcast=True)
+    c3 = tl.load(w + 3 + tl.arange(0, 1)).to(tl.uint32, bitcast=True)
+    k0 = tl.load(w + 4).to(tl.uint32, bitcast=True)
+    k1 = tl.load(w + 5).to(tl.uint32, bitcast=True)
+    r0, r1, r2, r3 = update_step_kernels._philox4x32(c0, c1, c2, c3, k0, k1)
+    o = out_ptr + i * 4 + tl.arange(0, 1)
+    tl.store(o, r0.to(tl.int32, bitcast=True))
+    tl.store(o + 1, r1.to(tl.int32, bitcast=True))
+    tl.store(o + 2, r2.to(tl.int32, bitcast=True))
+    tl.store(o + 3, r3.to(tl.int32, bitcast=True))
+
+
+def _as_int32(words):
+    return [w - (1 << 32) if w >= 1 << 31 else w for w in words]  # the same 32 bits, signed
+
+
+def test_kernel_philox_known_answers():
+    words = torch.tensor([_as_int32([*c, *k]) for c, k, _ in PHILOX_KAT], dtype=torch.int32, device=DEVICE)
+    out = torch.full((len(PHILOX_KAT), 4), -7, dtype=torch.int32, device=DEVICE)  # poisoned
+    _philox_kat_kernel[(len(PHILOX_KAT),)](words, out)
+    for (counter, key, expected), got in zip(PHILOX_KAT, out.cpu().tolist()):
+        got = [g & 0xFFFFFFFF for g in got]
+        assert got == list(expected), f"counter {counter} key {key}: {[hex(g) for g in got]}"
+
+
+def test_noise_of_the_zero_counter_is_known():
+    """Seed 0, stream 0: elements 0..3 come from the first known-answer vector (counter 0, key 0), mapped to
+    uniforms ((r >> 8) + 0.5) 2**-24 and through Box-Muller, computed here in float64 from the published words."""
+    r = PHILOX_KAT[0][2]
+    u = [((w >> 8) + 0.5) * 2.0**-24 for w in r]
+    expected = []
+    for a, b in ((u[0], u[1]), (u[2], u[3])):
+        rad = math.sqrt(-2.0 * math.log(a))
+        expected += [rad * math.cos(2 * math.pi * b), rad * math.sin(2 * math.pi * b)]
+    expected = torch.tensor(expected, dtype=torch.float64)
+    seeds = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    for what, z in (("reference", gaussian_noise_reference(seeds, 0, (4,))), ("kernel", kernels.gaussian_noise(seeds, 0, (4,)))):
+        assert (z[0].double().cpu() - expected).abs().max() < 1e-5, f"{what}: {z[0].tolist()} != {expected.tolist()}"
+
+
 # ---- equality with the specification ---------------------------------------------------------------------
 
 
@@ -146,8 +219,9 @@ def test_image_noise_independent_of_batch():
         part = kernels.gaussian_noise(seeds[order], 2, (3, 9, 7))
         assert torch.equal(part, full[order])
     # and the same holds for the noise the update step draws (coefficients: prev = z)
-    coeffs = torch.zeros(1, 9, device=DEVICE)
-    coeffs[0, 8] = 1.0
+    coeffs = torch.zeros(1, ops.N_STEP_COEFFS, device=DEVICE)
+    for name in ("x0_scale", "eps_scale", "noise_std"):
+        coeffs[0, ops.STEP_COEFFS.index(name)] = 1.0
     x = randn(4, 3, 9, 7)
     streams = torch.tensor([2], device=DEVICE)
     step_full = kernels.update_step(x, x, coeffs, 0, seeds=seeds, noise_streams=streams)
@@ -159,7 +233,7 @@ def test_image_noise_independent_of_batch():
 @pytest.mark.parametrize("hw", [(8, 8), (7, 5)], ids=["hw%4==0", "hw%4!=0"])
 def test_noise_independent_of_layout(hw):
     """channels_last tensors draw the noise of the logical NCHW index: same result as NCHW."""
-    coeffs = randn(3, 9)
+    coeffs = randn(3, ops.N_STEP_COEFFS)
     seeds = fresh_seeds(2)
     streams = torch.tensor([4, 5, 6], device=DEVICE)
     x, m = randn(2, 5, *hw), randn(2, 5, *hw)

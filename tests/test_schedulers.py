@@ -5,7 +5,9 @@ Each step is compared twice:
   relative error under EXACT_RTOL; fastdiff's only error is float32 coefficients and arithmetic.
 * with stock diffusers in float32: under RTOL[float32] plus diffusers' own float32 error (its distance to the
   float64 run, up to 5e-5 at the cosine schedule's t=999 where alpha-bar is 2.4e-9).
-Every step of a chain starts all three from the same x_t (fastdiff's previous output).
+Every step of a chain starts all three from the same x_t (fastdiff's previous output). Random inputs come from
+seeds that are zlib.crc32 of the test id (stable across runs and PYTHONHASHSEED), printed in every failure.
+Accuracy on realistic inputs (x_t formed from x0 and eps, exact model) is tests/test_step_accuracy.py.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+import zlib
 from unittest import mock
 
 import numpy as np
@@ -23,7 +26,6 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers import scheduling_ddpm  # noqa: E402
 
 from fastdiff import ops  # noqa: E402
-from fastdiff.ops import reference  # noqa: E402
 from fastdiff.ops.noise import gaussian_noise_reference  # noqa: E402
 from fastdiff.schedulers import (  # noqa: E402
     DDIMConfig,
@@ -75,16 +77,9 @@ def diffusers_step(d, model_output, t, x, noise, eta=0.0, use_clipped_model_outp
         return d.step(model_output, t, x).prev_sample
 
 
-def float32_rounding_bound(ours, i, x, m, noise, ref64) -> float:
-    """Relative error float32 arithmetic may honestly make on step i: 4 ulp of the sum of the terms' magnitudes.
-
-    Near t = T on the cosine schedule x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) subtracts terms 1e4 times larger
-    than their difference, so a fixed 1e-6 would fail on some random draws without any bug; every other step
-    keeps the fixed EXACT_RTOL (the bound is far below it there).
-    """
-    coeffs = ours.coeffs.to(torch.float64).abs()
-    magnitude = reference.update_step(x.double().abs(), m.double().abs(), coeffs, i, noise=noise.double().abs())
-    return 4 * 2.0**-24 * magnitude.norm().item() / max(ref64.norm().item(), 1e-30)
+def stable_seed(request) -> int:
+    """Seed of a test's random inputs: a CRC of its id, the same in every run and process."""
+    return zlib.crc32(request.node.nodeid.encode())
 
 
 def check_chain(ours, n, seed, eta=0.0, use_clipped_model_output=False, shape=SHAPE, max_steps=None):
@@ -109,10 +104,10 @@ def check_chain(ours, n, seed, eta=0.0, use_clipped_model_output=False, shape=SH
         ref64 = diffusers_step(d64, m.double(), t, x.double(), noise.double(), eta, use_clipped_model_output)
         ref32 = diffusers_step(d32, m, t, x, noise, eta, use_clipped_model_output)
         assert out.dtype == x.dtype and out.shape == x.shape
-        assert_close(out, ref64, rtol=max(EXACT_RTOL, float32_rounding_bound(ours, i, x, m, noise, ref64)),
-                     what=f"step {i} (t={t}) vs float64 diffusers")
+        assert_close(out, ref64, rtol=EXACT_RTOL, what=f"step {i} (t={t}) vs float64 diffusers, seed {seed}")
         own_error = relative_error(ref32, ref64)
-        assert_close(out, ref32, rtol=RTOL[torch.float32] + own_error, what=f"step {i} (t={t}) vs diffusers")
+        assert_close(out, ref32, rtol=RTOL[torch.float32] + own_error,
+                     what=f"step {i} (t={t}) vs diffusers, seed {seed}")
         x = out
 
 
@@ -270,10 +265,10 @@ _DDPM_ARGS, _DDPM_CASES = _cases({"schedule": list(SCHEDULES), "prediction": PRE
 
 
 @pytest.mark.parametrize(_DDPM_ARGS, _DDPM_CASES)
-def test_ddpm_steps_match_diffusers(schedule, prediction, variance, spacing, clip, offset):
+def test_ddpm_steps_match_diffusers(request, schedule, prediction, variance, spacing, clip, offset):
     ours = DDPMScheduler(**SCHEDULES[schedule], variance_type=variance, clip_sample=clip, prediction_type=prediction,
                          timestep_spacing=spacing, steps_offset=offset)
-    check_chain(ours, 7, seed=hash((schedule, prediction, variance, spacing, clip, offset)) % 2**31)
+    check_chain(ours, 7, seed=stable_seed(request))
 
 
 _DDIM_ARGS, _DDIM_CASES = _cases({"schedule": list(SCHEDULES), "prediction": PREDICTIONS, "spacing": SPACINGS,
@@ -282,10 +277,10 @@ _DDIM_ARGS, _DDIM_CASES = _cases({"schedule": list(SCHEDULES), "prediction": PRE
 
 
 @pytest.mark.parametrize(_DDIM_ARGS, _DDIM_CASES)
-def test_ddim_steps_match_diffusers(schedule, prediction, spacing, clip, eta, alpha_to_one, offset):
+def test_ddim_steps_match_diffusers(request, schedule, prediction, spacing, clip, eta, alpha_to_one, offset):
     ours = DDIMScheduler(**SCHEDULES[schedule], clip_sample=clip, prediction_type=prediction, timestep_spacing=spacing,
                          set_alpha_to_one=alpha_to_one, steps_offset=offset)
-    check_chain(ours, 7, seed=hash((schedule, prediction, spacing, clip, eta, alpha_to_one, offset)) % 2**31, eta=eta)
+    check_chain(ours, 7, seed=stable_seed(request), eta=eta)
 
 
 @pytest.mark.parametrize("n", [1, 2, 50, pytest.param(1000, marks=pytest.mark.slow)])

@@ -82,7 +82,7 @@ def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, no
                 noise_streams=None, backend=None):
     """One fused sampler update x_t -> x_{t-1} (see ``reference.STEP_COEFFS`` for the math).
 
-    sample, model_output: [N, C, H, W] of one dtype and layout; coeffs: float32 [S, 9] on the sample's
+    sample, model_output: [N, C, H, W] of one dtype and layout; coeffs: float32 [S, N_STEP_COEFFS] on the sample's
     device; step_index: int or integer device tensor; noise: a tensor like sample, or ``seeds`` (int64
     [N]) with ``noise_streams`` (int [S]) for in-kernel Philox noise, or neither (deterministic step).
     """

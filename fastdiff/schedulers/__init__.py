@@ -1,7 +1,7 @@
 """DDPM and DDIM schedulers, diffusers-compatible, stepping through one fused update op.
 
 ``set_timesteps`` computes every coefficient on the host in float64 and stores device buffers
-(``.timesteps``, ``.coeffs`` [steps, 9] in ``fastdiff.ops.STEP_COEFFS`` order, ``.noise_streams``);
+(``.timesteps``, ``.coeffs`` [steps, 11] in ``fastdiff.ops.STEP_COEFFS`` order, ``.noise_streams``);
 ``step`` is diffusers' (a timestep, ``torch.Generator`` noise, a ``SchedulerOutput``), ``step_at`` fastdiff's
 capturable one (a step index, an int or a device tensor, and per-image Philox noise; no host sync).
 The classes follow diffusers' scheduler protocol (``Cls(**kwargs)``, ``from_config``, ``.config``, ``len()``,

@@ -2,7 +2,7 @@
 
 Matches ``diffusers.DDIMScheduler`` (0.42.1) step for step, including its previous-timestep rule
 t' = t - T // n for every spacing (diffusers issue #12633). The coefficients are computed once per
-``set_timesteps`` in float64 and stored as a float32 ``[steps, 9]`` table (``fastdiff.ops.STEP_COEFFS``).
+``set_timesteps`` in float64 and stored as a float32 ``[steps, 11]`` table (``fastdiff.ops.STEP_COEFFS``).
 """
 
 from __future__ import annotations
@@ -86,11 +86,12 @@ class DDIMScheduler(SchedulerBase):
         beta_prod_t = 1.0 - alpha_prod_t
         beta_prod_t_prev = 1.0 - alpha_prod_t_prev
         # 2. predicted x0 and eps from the model output (eq. 12, "predicted x0"); the op clips x0
-        x0_from_x, x0_from_m, eps_from_x, eps_from_m = x0_and_eps_coeffs(self.config.prediction_type, alpha_prod_t)
+        x0_from_x, x0_from_m, x0_scale, eps_from_x, eps_from_m, eps_scale = x0_and_eps_coeffs(
+            self.config.prediction_type, alpha_prod_t)
         eps_from_x0 = 0.0
         if clipped_eps:  # eps = (x_t - sqrt(a_t) x0_clipped) / sqrt(1 - a_t)
-            eps_from_x, eps_from_m = 1.0 / math.sqrt(beta_prod_t), 0.0
-            eps_from_x0 = -math.sqrt(alpha_prod_t) / math.sqrt(beta_prod_t)
+            eps_from_x, eps_from_m, eps_from_x0 = 1.0, 0.0, -math.sqrt(alpha_prod_t)
+            eps_scale = 1.0 / math.sqrt(beta_prod_t)
         # 3. sigma_t(eta) = eta sqrt((1 - a_{t'}) / (1 - a_t)) sqrt(1 - a_t / a_{t'})                    (eq. 16)
         variance = beta_prod_t_prev / beta_prod_t * (1.0 - alpha_prod_t / alpha_prod_t_prev)
         noise_std = eta * math.sqrt(variance)
@@ -103,8 +104,8 @@ class DDIMScheduler(SchedulerBase):
             direction_sq = 0.0
         prev_from_x0 = math.sqrt(alpha_prod_t_prev)
         prev_from_eps = math.sqrt(direction_sq)
-        return [x0_from_x, x0_from_m, eps_from_x, eps_from_m, eps_from_x0, prev_from_x0, prev_from_eps, 0.0,
-                noise_std]
+        return [x0_from_x, x0_from_m, x0_scale, eps_from_x, eps_from_m, eps_from_x0, eps_scale, prev_from_x0,
+                prev_from_eps, 0.0, noise_std]
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise: torch.Tensor | None = None,

@@ -1,7 +1,7 @@
 """DDPM ancestral sampling (Ho, Jain & Abbeel, 2020, "Denoising Diffusion Probabilistic Models").
 
 Matches ``diffusers.DDPMScheduler`` (0.42.1) step for step; the coefficients are computed once per
-``set_timesteps`` in float64 and stored as a float32 ``[steps, 9]`` table (``fastdiff.ops.STEP_COEFFS``).
+``set_timesteps`` in float64 and stored as a float32 ``[steps, 11]`` table (``fastdiff.ops.STEP_COEFFS``).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class DDPMScheduler(SchedulerBase):
         current_alpha_t = alpha_prod_t / alpha_prod_t_prev
         current_beta_t = 1.0 - current_alpha_t
         # 2. predicted x0 from the model output (eq. 15 for epsilon); the op clips it
-        x0_from_x, x0_from_m, _, _ = x0_and_eps_coeffs(self.config.prediction_type, alpha_prod_t)
+        x0_from_x, x0_from_m, x0_scale, *_ = x0_and_eps_coeffs(self.config.prediction_type, alpha_prod_t)
         # 3. posterior mean mu-tilde_t = c_x0 x0 + c_xt x_t (eq. 7)
         prev_from_x0 = math.sqrt(alpha_prod_t_prev) * current_beta_t / beta_prod_t
         prev_from_x = math.sqrt(current_alpha_t) * beta_prod_t_prev / beta_prod_t
@@ -104,7 +104,7 @@ class DDPMScheduler(SchedulerBase):
             noise_std = math.sqrt(current_beta_t)
         else:  # fixed_small and fixed_small_log: beta-tilde_t = (1 - a_{t'}) / (1 - a_t) beta_t
             noise_std = math.sqrt(max(beta_prod_t_prev / beta_prod_t * current_beta_t, MIN_VARIANCE))
-        return [x0_from_x, x0_from_m, 0.0, 0.0, 0.0, prev_from_x0, 0.0, prev_from_x, noise_std]
+        return [x0_from_x, x0_from_m, x0_scale, 0.0, 0.0, 0.0, 1.0, prev_from_x0, 0.0, prev_from_x, noise_std]
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True, *, noise: torch.Tensor | None = None,

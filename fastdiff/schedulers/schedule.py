@@ -112,12 +112,15 @@ def check_eta(eta) -> float:
     return float(eta)
 
 
-def x0_and_eps_coeffs(prediction_type: str, alpha_prod_t: float) -> tuple[float, float, float, float]:
-    """(x0_from_x, x0_from_m, eps_from_x, eps_from_m): x0 and eps as linear maps of x_t and the model output m.
+def x0_and_eps_coeffs(prediction_type: str, alpha_prod_t: float) -> tuple[float, float, float, float, float, float]:
+    """(x0_from_x, x0_from_m, x0_scale, eps_from_x, eps_from_m, eps_scale): x0 = (x0_from_x x + x0_from_m m)
+    x0_scale and eps = (eps_from_x x + eps_from_m m) eps_scale from x_t and the model output m.
 
     With a = alphas_cumprod[t], b = 1 - a (x_t = sqrt(a) x0 + sqrt(b) eps, Ho et al., 2020, eq. 4):
     epsilon: x0 = (x - sqrt(b) m) / sqrt(a) (eq. 15), eps = m; sample: x0 = m, eps = (x - sqrt(a) m) / sqrt(b);
     v_prediction (Salimans & Ho, 2022, sec. 4): x0 = sqrt(a) x - sqrt(b) m, eps = sqrt(b) x + sqrt(a) m.
+    Subtraction before scaling, as diffusers computes it: near t = T (a ~ 1e-9) x - sqrt(b) m cancels to
+    ~sqrt(a) x0, and rounding x / sqrt(a) and m sqrt(b) / sqrt(a) separately would lose that difference.
     """
     a = alpha_prod_t
     b = 1.0 - a
@@ -125,11 +128,11 @@ def x0_and_eps_coeffs(prediction_type: str, alpha_prod_t: float) -> tuple[float,
         if a == 0.0:
             raise ValueError("alphas_cumprod[t] = 0 (zero terminal SNR): an epsilon-prediction model cannot give x0 "
                              "there; use prediction_type 'v_prediction' or 'sample', or leading spacing")
-        return 1.0 / math.sqrt(a), -math.sqrt(b) / math.sqrt(a), 0.0, 1.0
+        return 1.0, -math.sqrt(b), 1.0 / math.sqrt(a), 0.0, 1.0, 1.0
     if prediction_type == "sample":
-        return 0.0, 1.0, 1.0 / math.sqrt(b), -math.sqrt(a) / math.sqrt(b)
+        return 0.0, 1.0, 1.0, 1.0, -math.sqrt(a), 1.0 / math.sqrt(b)
     if prediction_type == "v_prediction":
-        return math.sqrt(a), -math.sqrt(b), math.sqrt(b), math.sqrt(a)
+        return math.sqrt(a), -math.sqrt(b), 1.0, math.sqrt(b), math.sqrt(a), 1.0
     raise ValueError(f"prediction_type {prediction_type!r} is not supported; choose one of {PREDICTION_TYPES}")
 
 
