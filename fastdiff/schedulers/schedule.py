@@ -283,19 +283,20 @@ class SchedulerBase:
                                backend=self.backend)
 
     def step_at(self, model_output: torch.Tensor, step_index, sample: torch.Tensor, *, noise=None,
-                seeds=None) -> torch.Tensor:
+                seeds=None, out=None) -> torch.Tensor:
         """x_{t-1} from row ``step_index`` (int or integer device tensor) of ``.coeffs``; no host sync.
 
         Capturable in a CUDA graph: no ``.item()``, no branch on a device value, one output allocation.
         Noise: ``noise`` (like sample), or ``seeds`` (int64 [N]) for Philox noise from ``.noise_streams``;
-        a schedule that adds noise (``.needs_noise``) requires one of them.
+        a schedule that adds noise (``.needs_noise``) requires one of them. ``out``: where to write
+        x_{t-1} (``sample`` itself updates the sample in place).
         """
         self._check_ready()
         if noise is None and seeds is None and self.needs_noise:
             raise ValueError(f"{type(self).__name__}.step_at: this schedule adds noise; pass noise= or seeds=")
         return ops.update_step(sample, model_output, self.coeffs, step_index, clip_range=self.clip_range,
                                noise=noise, seeds=seeds, noise_streams=self.noise_streams if seeds is not None else None,
-                               backend=self.backend)
+                               backend=self.backend, out=out)
 
     # ------------------------------------------------------------------ forward process and img2img
 
