@@ -26,6 +26,7 @@ from fastdiff.sampling import CaptureError, Sampler, SamplingPlan, capture_graph
 from fastdiff.schedulers import SCHEDULERS
 from fastdiff.schedulers.ddpm import VARIANCE_TYPES
 from fastdiff.schedulers.schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS
+from fastdiff.testing import assert_close
 from fastdiff.unet import UNet, UNetConfig
 
 STEPS = 4
@@ -100,9 +101,14 @@ def test_every_registered_scheduler_has_cases():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("cls,options,eta", CASES)
 def test_no_step_reads_the_device_on_the_host(cls, options, eta, backend):
+    """Every step of the real SamplingPlan.step, no host read. The UNet's ops do not depend on the scheduler, so
+    under the (slow) interpreter the UNet runs its Triton kernels in one case (the first scheduler's defaults) and
+    the reference elsewhere, while the update step runs on ``backend`` in every case."""
     model = tiny_model()
     sampler = Sampler(model, cls(num_train_timesteps=TRAIN_STEPS, **options), device=DEVICE, backend=backend,
                       cuda_graphs=False)
+    if backend == "triton" and DEVICE == "cpu" and (options or eta or cls is not SCHEDULERS[min(SCHEDULERS)]):
+        sampler.model.set_backend("reference")
     plan = sampler.plan(STEPS, eta)
     state = make_loop_state((2, 1, 8, 8), torch.float32, sampler.device)
     state.seeds.copy_(image_seeds(0, range(2)))
@@ -222,7 +228,7 @@ def test_a_successful_capture_runs_the_body_once_between_begin_and_end():
 
 
 @pytest.mark.gpu
-def test_after_a_failed_capture_the_process_is_back_on_its_stream(monkeypatch):
+def test_after_a_failed_capture_the_process_is_back_on_its_stream(monkeypatch, no_tf32):
     """A step that reads the device during capture fails with CaptureError; the next eager run and the next
     capture work, on the caller's stream, with no capture left open."""
     model = tiny_model()
@@ -241,5 +247,5 @@ def test_after_a_failed_capture_the_process_is_back_on_its_stream(monkeypatch):
                     backend="reference", cuda_graphs=False).sample(seeds, steps=STEPS)
     graphed = sampler.sample(seeds, steps=STEPS)
     assert sampler.graph_count == 1
-    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    assert_close(graphed, eager, torch.float32, rtol=1e-4, what="graph replay after a failed capture vs eager")
     assert sampling.GRAPH_REUSE_MAX_FACTOR == 2

@@ -270,3 +270,13 @@ def test_graph_replay_sees_in_place_edits_of_stacked_parameters(no_tf32):
                     cuda_graphs=False).sample(seeds, steps=4)
     assert (second - first).abs().max() > 1e-3
     assert_close(second, eager, torch.float32, rtol=1e-4, what="replay after in-place edits of stacked weights")
+
+
+def test_bench_reports_launches_per_step():
+    from bench.sampling import count_launches
+
+    counted = count_launches(random_model(), torch.device("cpu"), torch.float32)
+    assert counted["batch"] == 1 and "TorchDispatchMode" in counted["how"]
+    # on the CPU "auto" runs the reference ops but for the attention core (one sdpa call)
+    assert 20 < counted["auto"] < counted["reference"]
+    assert counted["reference_host_reads"] == counted["auto_host_reads"] == 0
