@@ -207,3 +207,44 @@ def sampling_step_launches(model, scheduler, *, batch_size: int = 1, steps: int 
         state.step_index.zero_()
         _, ops = record_ops(plan.step, sampler.model, state, run_triton=run_triton)
     return {"launches": launches(ops), "host_reads": host_reads(ops), "by_op": launch_histogram(ops)}
+
+
+def main(argv=None) -> int:
+    """``python -m fastdiff.profiling``: launches and host reads of one sampling step of a UNet configuration."""
+    import argparse
+    import json
+    import os
+
+    parser = argparse.ArgumentParser(prog="python -m fastdiff.profiling", description=main.__doc__)
+    parser.add_argument("--backend", choices=("reference", "triton", "auto"), default="reference")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--config", default=None, help="UNetConfig JSON file (default: the DDPM CIFAR-10 UNet)")
+    parser.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim")
+    parser.add_argument("--by-op", action="store_true", help="also print the launches of each op")
+    args = parser.parse_args(argv)
+    if args.backend == "triton" and torch.device(args.device).type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel modules are first imported
+    from .schedulers import SCHEDULERS
+    from .unet import UNet, UNetConfig
+
+    config = UNetConfig()
+    if args.config:
+        with open(args.config) as f:
+            config = UNetConfig.from_dict(json.load(f))
+    with torch.device("cpu"):
+        model = UNet(config).eval()
+    # On the CPU the Triton kernels are recorded, not interpreted: the count does not depend on the data.
+    counted = sampling_step_launches(model, SCHEDULERS[args.scheduler](), batch_size=args.batch_size,
+                                     backend=args.backend, device=args.device,
+                                     run_triton=torch.device(args.device).type != "cpu")
+    print(f"launches per step: {counted['launches']} ({args.backend}, {args.device}, batch {args.batch_size}); "
+          f"host reads: {len(counted['host_reads'])} {counted['host_reads']}")
+    if args.by_op:
+        for name, n in counted["by_op"].items():
+            print(f"  {n:4d}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -163,7 +163,7 @@ class _CapturedLoop:
             self.replays += 1
             if on_step:
                 on_step()
-        return self.state.x[:n].clone()
+        return self.state.x[:n].clone(memory_format=torch.contiguous_format)  # never a view of the static buffer
 
 
 # A cached graph serves a smaller batch (padded) only up to this factor: a batch of 1 never pays for 64.
@@ -197,7 +197,10 @@ class Sampler:
         self.memory_format = default_memory_format(self.device, dtype) if memory_format is None else memory_format
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # pick convolution algorithms once, during warm-up
-        self.model = model.to(device=self.device, dtype=dtype, memory_format=self.memory_format).eval()
+        # (NCHW by default only for the input: a model the caller made channels_last is left so)
+        layout = {} if memory_format is None and self.memory_format == torch.contiguous_format else {
+            "memory_format": self.memory_format}
+        self.model = model.to(device=self.device, dtype=dtype, **layout).eval()
         if hasattr(self.model, "set_backend"):
             self.model.set_backend(self.backend)
         self.scheduler = scheduler
@@ -272,7 +275,7 @@ class Sampler:
             x = noise * plan.scheduler.init_noise_sigma
         x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
         if self.cuda_graphs:
-            return self._graph(plan, x.shape).run(x, seeds, start, on_step).contiguous()
+            return self._graph(plan, x.shape).run(x, seeds, start, on_step)
         state = LoopState(x=x, seeds=seeds, step_index=torch.tensor(start, dtype=torch.int64, device=self.device))
         for _ in range(start, plan.steps):
             plan.step(self.model, state)

@@ -249,3 +249,18 @@ def test_after_a_failed_capture_the_process_is_back_on_its_stream(monkeypatch, n
     assert sampler.graph_count == 1
     assert_close(graphed, eager, torch.float32, rtol=1e-4, what="graph replay after a failed capture vs eager")
     assert sampling.GRAPH_REUSE_MAX_FACTOR == 2
+
+
+@pytest.mark.parametrize("run_triton", [True, False])
+def test_a_triton_launch_counts_once_and_its_interpreter_copies_not_at_all(run_triton):
+    from fastdiff import ops
+
+    x = torch.randn(2, 8, 4, 4, device=DEVICE)
+    w, b = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    out, recorded = record_ops(ops.group_norm, x, 4, w, b, 1e-5, silu=True, backend="triton", run_triton=run_triton)
+    names = [op.name for op in recorded if op.launches_work]
+    assert [n for n in names if n.startswith("triton.")] == ["triton._gn_single_kernel"], names
+    assert not host_reads(recorded) and launches(recorded) == len(names) <= 2, names  # the kernel (+ nothing else)
+    if run_triton:
+        torch.testing.assert_close(out, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4, w, b, 1e-5)),
+                                   rtol=1e-5, atol=1e-5)
