@@ -288,6 +288,8 @@ class StackedParameters:
         """The stacked parameters for a forward pass: the shared stack itself when no gradient is needed and
         the views are intact, else a concatenation (differentiable, and always current)."""
         params = self.parameters()
+        if torch.compiler.is_compiling():  # traced code reads the parameters; the compiler fuses the copy
+            return torch.cat(params)
         if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or not self.is_tied():
             return torch.cat(params)
         return self.stack
@@ -338,6 +340,7 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
+        self.temb_index: int | None = None  # this block's entry in UNet.time_projections (set by the UNet)
 
     def forward(self, x, temb):
         h = self.norm1(x, silu=True)
@@ -435,12 +438,12 @@ class DownBlock(nn.Module):
         self.downsamplers = (nn.ModuleList([Downsample(out_channels, cfg.downsample_padding)])
                              if add_downsample else None)
 
-    def forward(self, h, temb: dict, skips: list):
+    def forward(self, h, temb: tuple, skips: list):
         """Runs the level, appending every skip connection the up path will consume to ``skips``.
 
-        ``temb``: {ResBlock: its time-embedding projection} (``UNet.time_projections``)."""
+        ``temb``: every ResBlock's time-embedding projection (``UNet.time_projections``), by ``temb_index``."""
         for i, resnet in enumerate(self.resnets):
-            h = resnet(h, temb[resnet])
+            h = resnet(h, temb[resnet.temb_index])
             if self.attentions is not None:
                 h = self.attentions[i](h)
             skips.append(h)
@@ -464,11 +467,11 @@ class MidBlock(nn.Module):
             [Attention(c, heads, head_dim, attn_groups, eps, scale)]
         ) if cfg.mid_attention else None
 
-    def forward(self, h, temb: dict):
-        h = self.resnets[0](h, temb[self.resnets[0]])
+    def forward(self, h, temb: tuple):
+        h = self.resnets[0](h, temb[self.resnets[0].temb_index])
         if self.attentions is not None:
             h = self.attentions[0](h)
-        return self.resnets[1](h, temb[self.resnets[1]])
+        return self.resnets[1](h, temb[self.resnets[1].temb_index])
 
 
 class UpBlock(nn.Module):
@@ -490,10 +493,10 @@ class UpBlock(nn.Module):
         ) if attention else None
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if add_upsample else None
 
-    def forward(self, h, temb: dict, skips: list):
+    def forward(self, h, temb: tuple, skips: list):
         """Runs the level, popping one skip connection per ResBlock from the end of ``skips``."""
         for j, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), temb[resnet])
+            h = resnet(torch.cat([h, skips.pop()], dim=1), temb[resnet.temb_index])
             if self.attentions is not None:
                 h = self.attentions[j](h)
         if self.upsamplers is not None:
@@ -586,6 +589,8 @@ class UNet(nn.Module):
         # one GEMM per forward projects the embedding for all of them (time_projections).
         self._frequency_cache: dict[torch.device, torch.Tensor] = {}
         self._resnets = [m for m in self.modules() if isinstance(m, ResnetBlock)]
+        for i, resnet in enumerate(self._resnets):
+            resnet.temb_index = i
         self._temb_sizes = [r.time_emb_proj.out_features for r in self._resnets]
         self.temb_weight = StackedParameters([(r.time_emb_proj, "weight") for r in self._resnets])
         self.temb_bias = StackedParameters([(r.time_emb_proj, "bias") for r in self._resnets])
@@ -649,6 +654,8 @@ class UNet(nn.Module):
     def _frequencies(self, device) -> torch.Tensor:
         """The time embedding's frequencies on ``device``, computed once per device (4 launches fewer a step).
         Never cached inside a CUDA-graph capture: a tensor made there holds data only once the graph replays."""
+        if torch.compiler.is_compiling():  # a constant to the compiler
+            return timestep_frequencies(self.config.block_out_channels[0], self.config.freq_shift, device)
         freqs = self._frequency_cache.get(device)
         if freqs is None:
             freqs = timestep_frequencies(self.config.block_out_channels[0], self.config.freq_shift, device)
@@ -656,11 +663,11 @@ class UNet(nn.Module):
                 self._frequency_cache[device] = freqs
         return freqs
 
-    def time_projections(self, emb_silu: torch.Tensor) -> dict:
-        """{ResBlock: time_emb_proj(silu(emb))} for every ResBlock, from one GEMM over the stacked weights;
-        each value is a [N, out_channels] column slice of the [N, sum of out_channels] result."""
+    def time_projections(self, emb_silu: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """time_emb_proj(silu(emb)) of every ResBlock (ResBlock r's at ``r.temb_index``), from one GEMM over the
+        stacked weights; each a [N, out_channels] column slice of the [N, sum of out_channels] result."""
         projected = F.linear(emb_silu, self.temb_weight.tensor(), self.temb_bias.tensor())
-        return dict(zip(self._resnets, projected.split(self._temb_sizes, dim=1)))
+        return projected.split(self._temb_sizes, dim=1)
 
     # ------------------------------------------------------------------ stacked parameters
     def tie_stacked_parameters(self) -> "UNet":
