@@ -248,3 +248,44 @@ def test_cpu_sampling_runs_in_place_and_returns_nchw():
     out = sampler.sample(image_seeds(0, range(2)), steps=3)
     assert sampler.memory_format == torch.contiguous_format and out.is_contiguous() and out.shape == (2, 1, 8, 8)
     assert sampler.plan(3)._update_in_place
+
+
+def test_graph_cache_choice_reuses_only_within_2x_and_shares_one_pool(monkeypatch):
+    """The cache's choice, checked on the CPU with a stand-in for the captured loop (which needs CUDA)."""
+    from fastdiff import sampling
+
+    captured = []
+
+    class FakeLoop:
+        def __init__(self, plan, model, shape, dtype, device, *, pool=None, memory_format=None):
+            self.batch, self.pool = shape[0], pool
+            self.weights = sampling._weights_signature(model)
+            captured.append(shape[0])
+
+        def run(self, x, seeds, start, on_step=None):
+            self.served = x.shape[0]
+            return x.clone()
+
+    pool = object()
+    monkeypatch.setattr(sampling, "_CapturedLoop", FakeLoop)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: pool)
+    sampler = Sampler(tiny_model(13), DDIMScheduler(num_train_timesteps=100), backend="reference")
+    sampler.cuda_graphs = True
+    seeds = image_seeds(0, range(64))
+    # batch -> the graph batch that serves it: reuse only when the graph is at most 2x the batch, smallest first
+    for n, served_by in ((64, 64), (32, 64), (31, 31), (1, 1), (2, 2), (16, 31), (20, 31), (33, 64), (3, 3)):
+        sampler.sample(seeds[:n], steps=2)
+        loop = [g for g in sampler._graphs.values() if getattr(g, "served", None) == n and g.batch == served_by]
+        assert loop, (n, served_by, {k[1][0] for k in sampler._graphs})
+        for g in sampler._graphs.values():
+            g.served = None
+    assert captured == [64, 31, 1, 2, 3]
+    assert {g.pool for g in sampler._graphs.values()} == {pool}
+    with torch.no_grad():  # in-place edits keep the graphs
+        sampler.model.conv_out.bias.add_(0.1)
+    sampler.sample(seeds[:64], steps=2)
+    assert captured == [64, 31, 1, 2, 3]
+    state = {k: v.clone() for k, v in sampler.model.state_dict().items()}
+    sampler.model.load_state_dict(state, assign=True)  # new tensors: every cached graph is stale
+    sampler.sample(seeds[:64], steps=2)
+    assert captured == [64, 31, 1, 2, 3, 64] and sampler.graph_count == 1
