@@ -253,23 +253,18 @@ class StackedParameters:
     def __init__(self, members: list[tuple[nn.Module, str]]):
         self.members = members  # (module, parameter name), in stacking order
         self.stack: torch.Tensor | None = None
+        self._addresses: list[int] = []  # data_ptr of each parameter when tied
         self.tie()
 
     def parameters(self) -> list[nn.Parameter]:
-        return [getattr(module, name) for module, name in self.members]
+        return [module._parameters[name] for module, name in self.members]  # (nn.Module.__getattr__ is slow)
 
-    def is_tied(self) -> bool:
-        """Whether the parameters are exactly the consecutive views of ``self.stack`` (host metadata only)."""
-        stack = self.stack
-        if stack is None:
-            return False
-        storage, offset = stack.untyped_storage().data_ptr(), stack.storage_offset()
-        for p in self.parameters():
-            if (p.device != stack.device or p.dtype != stack.dtype or p.storage_offset() != offset
-                    or p.untyped_storage().data_ptr() != storage or not p.is_contiguous()):
-                return False
-            offset += p.numel()
-        return offset == stack.storage_offset() + stack.numel()
+    def is_tied(self, params: list | None = None) -> bool:
+        """Whether every parameter still sits at its place in ``self.stack`` (host metadata only, cheap enough for
+        every forward). While the stack lives its memory cannot be handed to another tensor, so an address match
+        means a view of it."""
+        params = self.parameters() if params is None else params
+        return self.stack is not None and [p.data_ptr() for p in params] == self._addresses
 
     def tie(self) -> None:
         """Make the parameters views of one stack again (copying their current values) unless they are."""
@@ -283,6 +278,7 @@ class StackedParameters:
             p.data = stack[offset:offset + p.shape[0]]
             offset += p.shape[0]
         self.stack = stack
+        self._addresses = [p.data_ptr() for p in params]
 
     def tensor(self) -> torch.Tensor:
         """The stacked parameters for a forward pass: the shared stack itself when no gradient is needed and
@@ -290,7 +286,7 @@ class StackedParameters:
         params = self.parameters()
         if torch.compiler.is_compiling():  # traced code reads the parameters; the compiler fuses the copy
             return torch.cat(params)
-        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or not self.is_tied():
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or not self.is_tied(params):
             return torch.cat(params)
         return self.stack
 
