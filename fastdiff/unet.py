@@ -271,12 +271,14 @@ class StackedParameters:
         if self.is_tied():
             return
         params = self.parameters()
-        with torch.no_grad():
-            stack = torch.cat([p.detach() for p in params])
-        offset = 0
-        for p in params:  # .data keeps each Parameter object (optimizers and hooks hold them)
-            p.data = stack[offset:offset + p.shape[0]]
-            offset += p.shape[0]
+        stack = _consecutive_span(params)  # already back to back (share_memory_(), a stacked source): adopt it
+        if stack is None:
+            with torch.no_grad():
+                stack = torch.cat([p.detach() for p in params])
+            offset = 0
+            for p in params:  # .data keeps each Parameter object (optimizers and hooks hold them)
+                p.data = stack[offset:offset + p.shape[0]]
+                offset += p.shape[0]
         self.stack = stack
         self._addresses = [p.data_ptr() for p in params]
 
@@ -289,6 +291,22 @@ class StackedParameters:
         if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or not self.is_tied(params):
             return torch.cat(params)
         return self.stack
+
+
+def _consecutive_span(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor made of ``params`` if they already lie back to back, in order, in one storage; else None."""
+    first = params[0]
+    if first.device.type == "meta":
+        return None
+    storage, offset, rest = first.untyped_storage().data_ptr(), first.storage_offset(), first.shape[1:]
+    for p in params:
+        if (p.dtype != first.dtype or p.device != first.device or p.shape[1:] != rest or not p.is_contiguous()
+                or p.untyped_storage().data_ptr() != storage or p.storage_offset() != offset):
+            return None
+        offset += p.numel()
+    rows = sum(p.shape[0] for p in params)
+    strides = tuple(math.prod(rest[i + 1:]) for i in range(len(rest)))
+    return first.detach().as_strided((rows, *rest), (math.prod(rest), *strides), first.storage_offset())
 
 
 def stacked_parameter_groups(module: nn.Module) -> list[StackedParameters]:

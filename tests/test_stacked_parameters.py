@@ -289,3 +289,17 @@ def test_torch_compile_traces_the_forward_without_graph_breaks():
     with torch.no_grad():
         explained = torch._dynamo.explain(model)(x, t)
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_share_memory_keeps_the_stacks_in_shared_memory():
+    """share_memory_() moves each storage: the views stay views (re-adopted, not copied to private memory)."""
+    model = random_model()
+    x, t = inputs()
+    model.share_memory()
+    assert all_tied(model)
+    assert all(g.stack.is_shared() and all(p.is_shared() for p in g.parameters())
+               for g in stacked_parameter_groups(model))
+    with torch.no_grad():
+        w = model.down_blocks[1].attentions[0].to_v.weight
+        w.add_(torch.randn_like(w))
+        assert_close(model(x, t), per_module_forward(model, x, t), torch.float32, what="after share_memory")
