@@ -1,7 +1,16 @@
 """Shared test options: ``--quick`` deselects the slow parametrisations; GPU tests skip without CUDA."""
 
+import os
+
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run in the interpreter. Triton reads TRITON_INTERPRET when a @triton.jit function
+# is defined, its own standard library (triton.language) included, and a test module's imports (diffusers, for
+# one) may import that before tests/kernel_device.py runs: settle it here, before any test module is imported.
+# (kernel_device.py makes the same choice, and undoes it on a GPU machine.)
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # Tiny test tensors run fastest single-threaded; pytest-xdist supplies the parallelism.
 torch.set_num_threads(1)
