@@ -100,27 +100,35 @@ def capture_graph(graph, fn, *, stream, pool=None, device=None, stream_context=N
     later captures are as they were. ``stream_context`` (default ``torch.cuda.stream``) exists for tests.
     """
     stream_context = torch.cuda.stream if stream_context is None else stream_context
+    hint = "(sample with cuda_graphs=False / --no-cuda-graphs to run it eagerly)"
     with stream_context(stream):
         graph.capture_begin(*(() if pool is None else (pool,)))
         try:
             fn()
         except BaseException as exc:
-            _abandon_capture(graph, pool, device)
-            raise CaptureError(f"CUDA-graph capture of the sampling step failed: {type(exc).__name__}: {exc} "
-                               "(sample with cuda_graphs=False / --no-cuda-graphs to run it eagerly)") from exc
-        graph.capture_end()
-
-
-def _abandon_capture(graph, pool, device) -> None:
-    """End a capture whose body failed; the body's error is the one reported, so errors here are dropped."""
-    try:
-        graph.capture_end()  # ends capture mode (an invalidated capture raises here, after ending it)
-    except Exception:
-        if pool is not None and device is not None:  # stop routing this stream's allocations to the pool
             try:
-                torch._C._cuda_endAllocateToPool(device.index, pool)
-            except Exception:  # already ended by capture_end
-                pass
+                graph.capture_end()  # ends capture mode (an invalidated capture raises here, after ending it)
+            except Exception:  # the body's error is the one to report
+                _end_pool_routing(pool, device)
+            if not isinstance(exc, Exception):  # KeyboardInterrupt and the like pass through as they are
+                raise
+            raise CaptureError(f"CUDA-graph capture of the sampling step failed: {type(exc).__name__}: {exc} "
+                               f"{hint}") from exc
+        try:
+            graph.capture_end()
+        except Exception as exc:
+            _end_pool_routing(pool, device)
+            raise CaptureError(f"ending the CUDA-graph capture of the sampling step failed: {exc} {hint}") from exc
+
+
+def _end_pool_routing(pool, device) -> None:
+    """Stop sending the capture stream's allocations to ``pool`` when capture_end raised before doing so."""
+    if pool is None or device is None:
+        return
+    try:
+        torch._C._cuda_endAllocateToPool(device.index, pool)
+    except Exception:  # capture_end had ended it already
+        pass
 
 
 def _weights_signature(model) -> tuple:

@@ -220,6 +220,24 @@ def test_a_failed_capture_ends_capture_and_leaves_the_stream(end_fails):
     assert stream.entered == stream.exited == 1
 
 
+def test_an_interrupt_during_capture_still_ends_it_and_is_not_wrapped():
+    graph, stream = _FakeGraph(True), _FakeStream()
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        capture_graph(graph, interrupted, stream=object(), stream_context=stream)
+    assert graph.calls == [("begin", ()), ("end",)] and stream.entered == stream.exited == 1
+
+
+def test_a_capture_that_fails_at_its_end_leaves_the_stream():
+    graph, stream = _FakeGraph(True), _FakeStream()
+    with pytest.raises(CaptureError, match="ending the CUDA-graph capture"):
+        capture_graph(graph, lambda: None, stream=object(), stream_context=stream)
+    assert graph.calls == [("begin", ()), ("end",)] and stream.entered == stream.exited == 1
+
+
 def test_a_successful_capture_runs_the_body_once_between_begin_and_end():
     graph, stream, ran = _FakeGraph(False), _FakeStream(), []
     capture_graph(graph, lambda: ran.append(graph.calls[:]), stream=object(), stream_context=stream)
