@@ -87,8 +87,9 @@ def test_parameters_are_views_of_the_stacks_and_the_state_dict_is_unchanged():
     assert len(groups) == 2 + 2 * len(attentions) and all(g.is_tied() for g in groups)
     assert model.temb_weight.stack.shape == (sum(r.time_emb_proj.out_features for r in resnets),
                                              model.config.time_embed_dim)
+    stack_storage = model.temb_weight.stack.untyped_storage().data_ptr()
     for r in resnets:
-        assert r.time_emb_proj.weight.untyped_storage().data_ptr() == model.temb_weight.stack.untyped_storage().data_ptr()
+        assert r.time_emb_proj.weight.untyped_storage().data_ptr() == stack_storage
     keys = model.state_dict().keys()
     assert "down_blocks.0.resnets.0.time_emb_proj.weight" in keys and "down_blocks.1.attentions.0.to_v.bias" in keys
     assert not [k for k in keys if "stack" in k or "qkv" in k or "temb_" in k]
