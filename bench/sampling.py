@@ -100,6 +100,26 @@ def count_flops(name: str) -> dict:
     return out
 
 
+def count_launches(model, device, dtype) -> dict:
+    """Launches of one sampling step (UNet forward + DDIM update) at batch 1, per backend, on this device."""
+    from fastdiff.profiling import sampling_step_launches
+
+    out = {"how": "fastdiff.profiling.sampling_step_launches: aten ops that launch work plus Triton kernels, "
+                  "recorded with a TorchDispatchMode over one SamplingPlan.step at batch 1 (views and allocations "
+                  "excluded; a library may split an op into several kernels, so a lower bound on CUDA); 'auto' "
+                  "is the fast path where Triton runs (CUDA), the reference ops elsewhere",
+           "batch": 1}
+    for backend in ("reference", "auto"):
+        try:
+            counted = sampling_step_launches(model, fastdiff_scheduler("ddim"), backend=backend, device=device,
+                                             dtype=dtype)
+            common.put(out, backend, counted["launches"])
+            out[backend + "_host_reads"] = len(counted["host_reads"])
+        except Exception as exc:  # a counting problem must not stop the benchmark
+            common.put(out, backend, None, f"not measured: {common.short_error(exc)}")
+    return out
+
+
 def build_models(name: str, device, dtype):
     """(fastdiff UNet, diffusers UNet2DModel or None, reason) with the same random weights."""
     from fastdiff.unet import UNet, UNetConfig
@@ -327,8 +347,10 @@ def markdown(report: dict) -> str:
               f"Median of the timed sampling calls after one warm-up call; n/m = not measured (reasons in the JSON).",
               ""]
     for name, m in report["models"].items():
+        launches = m.get("launches_per_step", {})
         lines.append(f"- `{name}`: {m['params'] / 1e6:.2f}M parameters, {m['flops']['fastdiff'] / 1e9:.3g} GFLOP "
-                     f"per image per step (counted)")
+                     f"per image per step (counted); launches per step at batch 1: reference "
+                     f"{launches.get('reference', 'n/m')}, auto {launches.get('auto', 'n/m')}")
     lines.append("")
     headers = ["model", "sched", "steps", "batch", "mode", "images/s", "ms/step", "vs diffusers", "vs reference",
                "TFLOP/s (% matmul)", "peak GiB", "W", "J/image", "forward rel. err vs reference"]
@@ -490,7 +512,8 @@ def _run(args, argv, device, preset_name) -> int:
         flops = count_flops(name)
         model, dmodel, dreason = build_models(name, device, dtype)
         cfg = MODEL_CONFIGS[name]
-        report["models"][name] = {"diffusers_config": cfg, "params": model.num_parameters(), "flops": flops}
+        report["models"][name] = {"diffusers_config": cfg, "params": model.num_parameters(), "flops": flops,
+                                   "launches_per_step": count_launches(model, device, dtype)}
         common.put(report["models"][name], "params_diffusers",
                    sum(p.numel() for p in dmodel.parameters()) if dmodel is not None else None, dreason)
         ctx.update(model=model, dmodel=dmodel, dmodel_reason=dreason, flops=flops, compiled={},

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 import numbers
@@ -65,6 +66,15 @@ class LoopState:
     step_index: torch.Tensor  # int64 0-dim: index into the plan's timesteps, advanced on the device
 
 
+def make_loop_state(shape, dtype, device, memory_format=torch.contiguous_format) -> LoopState:
+    """Fresh static buffers for a batch of ``shape`` (x random, seeds and step index zero)."""
+    return LoopState(
+        x=torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format),
+        seeds=torch.zeros(shape[0], dtype=torch.int64, device=device),
+        step_index=torch.zeros((), dtype=torch.int64, device=device),
+    )
+
+
 class SamplingPlan:
     """One scheduler with its timesteps set: device buffers that never change after creation."""
 
@@ -74,38 +84,93 @@ class SamplingPlan:
         self.steps = steps
         self.eta = eta
         self.timesteps = self.scheduler.timesteps.to(device)
+        # a scheduler whose step_at takes out= writes x_{t-1} over x_t (no extra copy per step)
+        self._update_in_place = "out" in inspect.signature(self.scheduler.step_at).parameters
 
     def step(self, model, state: LoopState) -> None:
-        """x_t -> x_{t-1} for the step at ``state.step_index``; capturable (no sync, no host branch)."""
-        t = self.timesteps[state.step_index]
+        """x_t -> x_{t-1} for the step at ``state.step_index``; capturable (no sync, no host branch).
+
+        The timestep is gathered on the device as a [1] tensor: indexing with the 0-dim step index
+        (``timesteps[step_index]``) would read it back to the host (``aten._local_scalar_dense``).
+        """
+        t = self.timesteps.index_select(0, state.step_index.reshape(1))
         model_output = model(state.x, t)
         seeds = state.seeds if self.scheduler.needs_noise else None
-        new = self.scheduler.step_at(model_output, state.step_index, state.x, seeds=seeds)
-        state.x.copy_(new)
+        if self._update_in_place:
+            self.scheduler.step_at(model_output, state.step_index, state.x, seeds=seeds, out=state.x)
+        else:
+            state.x.copy_(self.scheduler.step_at(model_output, state.step_index, state.x, seeds=seeds))
         state.step_index.add_(1)
+
+
+class CaptureError(RuntimeError):
+    """A CUDA-graph capture failed; the process is back on its own stream and out of capture mode."""
+
+
+def capture_graph(graph, fn, *, stream, pool=None, device=None, stream_context=None) -> None:
+    """Capture ``fn()`` into ``graph`` on ``stream``, drawing memory from ``pool`` (None: the graph's own).
+
+    Unlike ``torch.cuda.graph``, a failure inside ``fn`` (a host read, an unsupported op) ends the capture
+    and leaves the capture stream before the error propagates, so the caller's stream, the allocator and
+    later captures are as they were. ``stream_context`` (default ``torch.cuda.stream``) exists for tests.
+    """
+    stream_context = torch.cuda.stream if stream_context is None else stream_context
+    hint = "(sample with cuda_graphs=False / --no-cuda-graphs to run it eagerly)"
+    with stream_context(stream):
+        graph.capture_begin(*(() if pool is None else (pool,)))
+        try:
+            fn()
+        except BaseException as exc:
+            try:
+                graph.capture_end()  # ends capture mode (an invalidated capture raises here, after ending it)
+            except Exception:  # the body's error is the one to report
+                _end_pool_routing(pool, device)
+            if not isinstance(exc, Exception):  # KeyboardInterrupt and the like pass through as they are
+                raise
+            raise CaptureError(f"CUDA-graph capture of the sampling step failed: {type(exc).__name__}: {exc} "
+                               f"{hint}") from exc
+        try:
+            graph.capture_end()
+        except Exception as exc:
+            _end_pool_routing(pool, device)
+            raise CaptureError(f"ending the CUDA-graph capture of the sampling step failed: {exc} {hint}") from exc
+
+
+def _end_pool_routing(pool, device) -> None:
+    """Stop sending the capture stream's allocations to ``pool`` when capture_end raised before doing so."""
+    if pool is None or device is None:
+        return
+    try:
+        torch._C._cuda_endAllocateToPool(device.index, pool)
+    except Exception:  # capture_end had ended it already
+        pass
+
+
+def _weights_signature(model) -> tuple:
+    """Where the model's tensors live: a captured graph reads these addresses, so a change means recapture."""
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in list(model.parameters()) + list(model.buffers()))
 
 
 class _CapturedLoop:
     """A CUDA graph of ``SamplingPlan.step`` over static buffers, replayed once per step."""
 
-    def __init__(self, plan: SamplingPlan, model, shape, dtype, device, warmup: int = 2):
+    def __init__(self, plan: SamplingPlan, model, shape, dtype, device, *, pool=None, memory_format=None,
+                 warmup: int = 2):
         self.plan = plan
-        self.state = LoopState(
-            x=torch.randn(shape, device=device, dtype=dtype),
-            seeds=torch.zeros(shape[0], dtype=torch.int64, device=device),
-            step_index=torch.zeros((), dtype=torch.int64, device=device),
-        )
+        self.batch = shape[0]
+        self.state = make_loop_state(shape, dtype, device, memory_format or torch.contiguous_format)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            for _ in range(warmup):  # autotuning, lazy init and allocator warm-up happen outside capture
+            for _ in range(warmup):  # autotuning, cuDNN benchmarking, lazy init and allocator warm-up: not in capture
                 self.state.step_index.zero_()
                 plan.step(model, self.state)
         torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
         self.graph = torch.cuda.CUDAGraph()
         self.state.step_index.zero_()
-        with torch.cuda.graph(self.graph):
-            plan.step(model, self.state)
+        capture_graph(self.graph, lambda: plan.step(model, self.state), stream=stream, pool=pool, device=device)
+        self.weights = _weights_signature(model)
         self.replays = 0
 
     def run(self, x: torch.Tensor, seeds: torch.Tensor, start: int, on_step=None) -> torch.Tensor:
@@ -121,25 +186,44 @@ class _CapturedLoop:
             self.replays += 1
             if on_step:
                 on_step()
-        return self.state.x[:n].clone()
+        return self.state.x[:n].clone(memory_format=torch.contiguous_format)  # never a view of the static buffer
+
+
+# A cached graph serves a smaller batch (padded) only up to this factor: a batch of 1 never pays for 64.
+GRAPH_REUSE_MAX_FACTOR = 2
 
 
 class Sampler:
     """Draws images from a UNet with a DDPM or DDIM scheduler.
 
     ``backend`` ("reference", "triton", "auto") is set on the model and the scheduler. CUDA graphs are
-    used on CUDA unless ``cuda_graphs=False``; graphs are cached per (plan, batch, shape, dtype) and
-    reused across calls, a smaller batch replays a cached larger graph, and weights changed in place
-    (fine-tuning, a LoRA merge) are seen by the next replay because the graph reads the parameters.
+    used on CUDA unless ``cuda_graphs=False``; graphs are cached per (plan, batch, shape, dtype), share one
+    memory pool, and are reused across calls; a smaller batch replays a cached larger graph only when that
+    graph is at most ``GRAPH_REUSE_MAX_FACTOR`` times its size. Weights changed in place (fine-tuning, a
+    LoRA merge, ``load_state_dict``) are seen by the next replay because the graph reads the parameters;
+    weights replaced by new tensors (``.to()``, ``load_state_dict(assign=True)``) make the next call capture
+    again.
+
+    GPU defaults: on CUDA ``torch.backends.cudnn.benchmark`` is switched on before any warm-up, and with
+    float16/bfloat16 the model and the sample are channels_last (what cuDNN's tensor-core convolutions
+    prefer); ``memory_format`` overrides that choice. Half precision is the recommended dtype on CUDA;
+    float32 stays available.
     """
 
-    def __init__(self, model, scheduler, *, device="cpu", dtype=torch.float32, backend=None, cuda_graphs=None):
+    def __init__(self, model, scheduler, *, device="cpu", dtype=torch.float32, backend=None, cuda_graphs=None,
+                 memory_format=None):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype
         self.backend = ops.check_backend(backend)
-        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.memory_format = default_memory_format(self.device, dtype) if memory_format is None else memory_format
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # pick convolution algorithms once, during warm-up
+        # (NCHW by default only for the input: a model the caller made channels_last is left so)
+        layout = {} if memory_format is None and self.memory_format == torch.contiguous_format else {
+            "memory_format": self.memory_format}
+        self.model = model.to(device=self.device, dtype=dtype, **layout).eval()
         if hasattr(self.model, "set_backend"):
             self.model.set_backend(self.backend)
         self.scheduler = scheduler
@@ -149,6 +233,7 @@ class Sampler:
             raise ValueError("CUDA graphs need a CUDA device")
         self._plans: dict[tuple, SamplingPlan] = {}
         self._graphs: dict[tuple, _CapturedLoop] = {}
+        self._graph_pool = None  # one memory pool for every captured graph (created at the first capture)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -166,12 +251,22 @@ class Sampler:
         return self._plans[key]
 
     def _graph(self, plan: SamplingPlan, shape) -> _CapturedLoop:
-        for (p, cached_shape), loop in self._graphs.items():  # a cached graph of a larger batch serves too
-            if p is plan and cached_shape[1:] == tuple(shape[1:]) and cached_shape[0] >= shape[0]:
-                return loop
-        key = (plan, tuple(shape))
-        self._graphs[key] = _CapturedLoop(plan, self.model, tuple(shape), self.dtype, self.device)
-        return self._graphs[key]
+        """The cached graph for ``shape``: the smallest one of this plan and image shape whose batch is at
+        least ``shape[0]`` and at most ``GRAPH_REUSE_MAX_FACTOR`` times it, else a new capture."""
+        n, image = shape[0], tuple(shape[1:])
+        weights = _weights_signature(self.model)
+        for key in [k for k, loop in self._graphs.items() if loop.weights != weights]:
+            del self._graphs[key]  # the model's tensors were replaced (.to(), assign=True): capture again
+        fits = [(cached[0], loop) for (p, cached), loop in self._graphs.items()
+                if p is plan and cached[1:] == image and n <= cached[0] <= GRAPH_REUSE_MAX_FACTOR * n]
+        if fits:
+            return min(fits, key=lambda item: item[0])[1]
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        loop = _CapturedLoop(plan, self.model, tuple(shape), self.dtype, self.device, pool=self._graph_pool,
+                             memory_format=self.memory_format)
+        self._graphs[(plan, tuple(shape))] = loop
+        return loop
 
     @property
     def graph_count(self) -> int:
@@ -201,7 +296,7 @@ class Sampler:
             x = plan.scheduler.add_noise(init, noise, t_start)
         else:
             x = noise * plan.scheduler.init_noise_sigma
-        x = x.to(self.dtype)
+        x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
         if self.cuda_graphs:
             return self._graph(plan, x.shape).run(x, seeds, start, on_step)
         state = LoopState(x=x, seeds=seeds, step_index=torch.tensor(start, dtype=torch.int64, device=self.device))
@@ -209,7 +304,14 @@ class Sampler:
             plan.step(self.model, state)
             if on_step:
                 on_step()
-        return state.x
+        return state.x.contiguous()
+
+
+def default_memory_format(device: torch.device, dtype: torch.dtype) -> torch.memory_format:
+    """channels_last where it pays: cuDNN's float16/bfloat16 (tensor-core) convolutions on CUDA; NCHW elsewhere."""
+    if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _check_positive_int(name: str, value) -> None:

@@ -233,6 +233,87 @@ class UNetConfig:
         return config_to_diffusers(self)
 
 
+# ---------------------------------------------------------------------------------------------- stacked parameters
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class StackedParameters:
+    """Parameters of several modules (equal shapes but for dim 0) stored back to back in one tensor, so one
+    kernel (a GEMM) reads them all while every module keeps its own ``nn.Parameter`` and state-dict key.
+
+    The parameters ARE views of the stack (``stack[o:o + rows]``), never copies made once: a change made in
+    place to one of them (an optimizer step, a LoRA merge, ``load_state_dict``) is in the stack at once, and
+    in every CUDA graph that reads it. Replacing a parameter's tensor (``.to()``, ``load_state_dict(assign=
+    True)``, ``deepcopy``, ``p.data = t``) breaks the sharing: ``tie()`` restores it (the UNet calls it after
+    each of those), and until then ``tensor()`` concatenates the parameters afresh on every call, so a stale
+    stack is never read.
+    """
+
+    def __init__(self, members: list[tuple[nn.Module, str]]):
+        self.members = members  # (module, parameter name), in stacking order
+        self.stack: torch.Tensor | None = None
+        self._addresses: list[int] = []  # data_ptr of each parameter when tied
+        self.tie()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [module._parameters[name] for module, name in self.members]  # (nn.Module.__getattr__ is slow)
+
+    def is_tied(self, params: list | None = None) -> bool:
+        """Whether every parameter still sits at its place in ``self.stack`` (host metadata only, cheap enough for
+        every forward). While the stack lives its memory cannot be handed to another tensor, so an address match
+        means a view of it."""
+        params = self.parameters() if params is None else params
+        return self.stack is not None and [p.data_ptr() for p in params] == self._addresses
+
+    def tie(self) -> None:
+        """Make the parameters views of one stack again (copying their current values) unless they are."""
+        if self.is_tied():
+            return
+        params = self.parameters()
+        stack = _consecutive_span(params)  # already back to back (share_memory_(), a stacked source): adopt it
+        if stack is None:
+            with torch.no_grad():
+                stack = torch.cat([p.detach() for p in params])
+            offset = 0
+            for p in params:  # .data keeps each Parameter object (optimizers and hooks hold them)
+                p.data = stack[offset:offset + p.shape[0]]
+                offset += p.shape[0]
+        self.stack = stack
+        self._addresses = [p.data_ptr() for p in params]
+
+    def tensor(self) -> torch.Tensor:
+        """The stacked parameters for a forward pass: the shared stack itself when no gradient is needed and
+        the views are intact, else a concatenation (differentiable, and always current)."""
+        params = self.parameters()
+        if torch.compiler.is_compiling():  # traced code reads the parameters; the compiler fuses the copy
+            return torch.cat(params)
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or not self.is_tied(params):
+            return torch.cat(params)
+        return self.stack
+
+
+def _consecutive_span(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor made of ``params`` if they already lie back to back, in order, in one storage; else None."""
+    first = params[0]
+    if first.device.type == "meta":
+        return None
+    storage, offset, rest = first.untyped_storage().data_ptr(), first.storage_offset(), first.shape[1:]
+    for p in params:
+        if (p.dtype != first.dtype or p.device != first.device or p.shape[1:] != rest or not p.is_contiguous()
+                or p.untyped_storage().data_ptr() != storage or p.storage_offset() != offset):
+            return None
+        offset += p.numel()
+    rows = sum(p.shape[0] for p in params)
+    strides = tuple(math.prod(rest[i + 1:]) for i in range(len(rest)))
+    return first.detach().as_strided((rows, *rest), (math.prod(rest), *strides), first.storage_offset())
+
+
+def stacked_parameter_groups(module: nn.Module) -> list[StackedParameters]:
+    """Every ``StackedParameters`` held by ``module`` or its submodules."""
+    return [v for m in module.modules() for v in vars(m).values() if isinstance(v, StackedParameters)]
+
+
 # ---------------------------------------------------------------------------------------------- blocks
 class GroupNorm(nn.Module):
     """``[silu](GroupNorm(x + add))`` through ``fastdiff.ops.group_norm``; parameters named like nn.GroupNorm."""
@@ -258,6 +339,9 @@ class ResnetBlock(nn.Module):
     """diffusers' ResnetBlock2D ("default" time embedding): with e = silu(emb),
 
     out = (shortcut(x) + conv2(dropout(silu(norm2(conv1(silu(norm1(x))) + time_emb_proj(e)))))) / output_scale
+
+    ``forward(x, temb)`` takes ``temb = time_emb_proj(e)`` already computed: the UNet projects e for every
+    ResBlock in one GEMM (``UNet.time_projections``); ``self.time_emb_proj`` holds this block's weights.
     """
 
     def __init__(self, in_channels, out_channels, temb_channels, groups, eps, dropout, output_scale_factor=1.0):
@@ -270,11 +354,12 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
+        self.temb_index: int | None = None  # this block's entry in UNet.time_projections (set by the UNet)
 
-    def forward(self, x, emb_silu):
+    def forward(self, x, temb):
         h = self.norm1(x, silu=True)
         h = self.conv1(h)
-        h = self.norm2(h, add=self.time_emb_proj(emb_silu), silu=True)  # fused: silu(GroupNorm(h + temb))
+        h = self.norm2(h, add=temb, silu=True)  # fused: silu(GroupNorm(h + temb)); temb may be a strided slice
         h = self.dropout(h)
         h = self.conv2(h)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
@@ -302,17 +387,17 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, channels)])  # ModuleList keeps diffusers' "to_out.0" name
         self.rescale_output_factor = rescale_output_factor
         self.attention_backend: str | None = None  # ops.attention backend; None = its default
+        # to_q, to_k and to_v as views of one [3 * inner, channels] weight (and bias): one GEMM projects all three
+        self.qkv_weight = StackedParameters([(self.to_q, "weight"), (self.to_k, "weight"), (self.to_v, "weight")])
+        self.qkv_bias = StackedParameters([(self.to_q, "bias"), (self.to_k, "bias"), (self.to_v, "bias")])
 
     def forward(self, x):
         n, c, h, w = x.shape
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [n, h*w, c] (contiguous for channels_last x)
-
-        def split_heads(t):  # [n, h*w, heads*head_dim] -> [n, heads, h*w, head_dim]
-            return t.view(n, h * w, self.heads, self.head_dim).transpose(1, 2)
-
-        q = split_heads(self.to_q(tokens))
-        k = split_heads(self.to_k(tokens))
-        v = split_heads(self.to_v(tokens))
+        # one GEMM with its bias fused: [n*h*w, c] (a view for channels_last x or a batch of 1) -> [n*h*w, 3 * inner]
+        qkv = F.linear(tokens.reshape(n * h * w, c), self.qkv_weight.tensor(), self.qkv_bias.tensor())
+        # -> three [n, heads, h*w, head_dim] views
+        q, k, v = qkv.view(n, h * w, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         a = ops.attention(q, k, v, backend=self.attention_backend)
         a = a.transpose(1, 2).reshape(n, h * w, self.heads * self.head_dim)
         y = self.to_out[0](a).transpose(1, 2).reshape(n, c, h, w)
@@ -367,10 +452,12 @@ class DownBlock(nn.Module):
         self.downsamplers = (nn.ModuleList([Downsample(out_channels, cfg.downsample_padding)])
                              if add_downsample else None)
 
-    def forward(self, h, emb_silu, skips: list):
-        """Runs the level, appending every skip connection the up path will consume to ``skips``."""
+    def forward(self, h, temb: tuple, skips: list):
+        """Runs the level, appending every skip connection the up path will consume to ``skips``.
+
+        ``temb``: every ResBlock's time-embedding projection (``UNet.time_projections``), by ``temb_index``."""
         for i, resnet in enumerate(self.resnets):
-            h = resnet(h, emb_silu)
+            h = resnet(h, temb[resnet.temb_index])
             if self.attentions is not None:
                 h = self.attentions[i](h)
             skips.append(h)
@@ -394,11 +481,11 @@ class MidBlock(nn.Module):
             [Attention(c, heads, head_dim, attn_groups, eps, scale)]
         ) if cfg.mid_attention else None
 
-    def forward(self, h, emb_silu):
-        h = self.resnets[0](h, emb_silu)
+    def forward(self, h, temb: tuple):
+        h = self.resnets[0](h, temb[self.resnets[0].temb_index])
         if self.attentions is not None:
             h = self.attentions[0](h)
-        return self.resnets[1](h, emb_silu)
+        return self.resnets[1](h, temb[self.resnets[1].temb_index])
 
 
 class UpBlock(nn.Module):
@@ -420,10 +507,10 @@ class UpBlock(nn.Module):
         ) if attention else None
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if add_upsample else None
 
-    def forward(self, h, emb_silu, skips: list):
+    def forward(self, h, temb: tuple, skips: list):
         """Runs the level, popping one skip connection per ResBlock from the end of ``skips``."""
         for j, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), emb_silu)
+            h = resnet(torch.cat([h, skips.pop()], dim=1), temb[resnet.temb_index])
             if self.attentions is not None:
                 h = self.attentions[j](h)
         if self.upsamplers is not None:
@@ -443,16 +530,23 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-def sinusoidal_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
+def timestep_frequencies(dim: int, freq_shift: float, device) -> torch.Tensor:
+    """float32 [dim // 2]: freqs_k = exp(-ln(10000) * k / (dim // 2 - freq_shift)), in diffusers' operation order."""
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=device)
+    return torch.exp(exponent / (half - freq_shift))
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
+                         freqs: torch.Tensor | None = None) -> torch.Tensor:
     """[N] timesteps -> [N, dim] float32 (Ho et al., 2020; diffusers' ``get_timestep_embedding``).
 
     freqs_k = exp(-ln(10000) * k / (half - freq_shift)), k < half = dim // 2; embedding [sin(t f), cos(t f)]
     (or [cos, sin] with flip_sin_to_cos), zero-padded to ``dim`` when dim is odd. Computed in the same
-    float32 operation order as diffusers so the two agree to rounding.
+    float32 operation order as diffusers so the two agree to rounding. ``freqs``: ``timestep_frequencies``
+    computed beforehand (the UNet keeps them per device), else computed here.
     """
-    half = dim // 2
-    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(exponent / (half - freq_shift))
+    freqs = timestep_frequencies(dim, freq_shift, t.device) if freqs is None else freqs
     args = t.float()[:, None] * freqs[None, :]
     parts = (torch.cos(args), torch.sin(args)) if flip_sin_to_cos else (torch.sin(args), torch.cos(args))
     emb = torch.cat(parts, dim=-1)
@@ -505,6 +599,16 @@ class UNet(nn.Module):
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, chans[0], cfg.norm_eps)
         self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
 
+        # Every ResBlock's time_emb_proj as views of one [sum of out_channels, time_embed_dim] weight (and bias):
+        # one GEMM per forward projects the embedding for all of them (time_projections).
+        self._frequency_cache: dict[torch.device, torch.Tensor] = {}
+        self._resnets = [m for m in self.modules() if isinstance(m, ResnetBlock)]
+        for i, resnet in enumerate(self._resnets):
+            resnet.temb_index = i
+        self._temb_sizes = [r.time_emb_proj.out_features for r in self._resnets]
+        self.temb_weight = StackedParameters([(r.time_emb_proj, "weight") for r in self._resnets])
+        self.temb_bias = StackedParameters([(r.time_emb_proj, "bias") for r in self._resnets])
+
     # ------------------------------------------------------------------ forward
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError unless x is [N, in_channels, H, W] with H and W multiples of 2 ** (levels - 1)."""
@@ -545,20 +649,66 @@ class UNet(nn.Module):
         if cfg.center_input_sample:
             x = 2 * x - 1.0
         t = self._batch_timesteps(t, x.shape[0], x.device)
-        t_emb = sinusoidal_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        t_emb = sinusoidal_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift,
+                                     self._frequencies(t.device))
         emb = self.time_embedding(t_emb.to(self.conv_in.weight.dtype))
-        emb_silu = F.silu(emb)  # every ResBlock projects silu(emb); computed once here
+        temb = self.time_projections(F.silu(emb))
 
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h = block(h, emb_silu, skips)
+            h = block(h, temb, skips)
         if self.mid_block is not None:
-            h = self.mid_block(h, emb_silu)
+            h = self.mid_block(h, temb)
         for block in self.up_blocks:
-            h = block(h, emb_silu, skips)
+            h = block(h, temb, skips)
         h = self.conv_norm_out(h, silu=True)
         return self.conv_out(h)
+
+    def _frequencies(self, device) -> torch.Tensor:
+        """The time embedding's frequencies on ``device``, computed once per device (4 launches fewer a step).
+        Never cached inside a CUDA-graph capture: a tensor made there holds data only once the graph replays."""
+        if torch.compiler.is_compiling():  # a constant to the compiler
+            return timestep_frequencies(self.config.block_out_channels[0], self.config.freq_shift, device)
+        freqs = self._frequency_cache.get(device)
+        if freqs is None:
+            freqs = timestep_frequencies(self.config.block_out_channels[0], self.config.freq_shift, device)
+            if not _capturing():
+                self._frequency_cache[device] = freqs
+        return freqs
+
+    def time_projections(self, emb_silu: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """time_emb_proj(silu(emb)) of every ResBlock (ResBlock r's at ``r.temb_index``), from one GEMM over the
+        stacked weights; each a [N, out_channels] column slice of the [N, sum of out_channels] result."""
+        projected = F.linear(emb_silu, self.temb_weight.tensor(), self.temb_bias.tensor())
+        return projected.split(self._temb_sizes, dim=1)
+
+    # ------------------------------------------------------------------ stacked parameters
+    def tie_stacked_parameters(self) -> "UNet":
+        """Make the stacked parameters (ResBlocks' time_emb_proj, attention Q/K/V) views of their stacks again
+        after their tensors were replaced; a no-op when they are. Called after ``.to()``/``_apply``,
+        ``load_state_dict`` and copying; call it after assigning ``param.data`` yourself."""
+        for group in stacked_parameter_groups(self):
+            group.tie()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .half(), .cuda(), to_empty() give each parameter a tensor of its own: stack them again
+        out = super()._apply(fn, *args, **kwargs)
+        self.tie_stacked_parameters()
+        self._frequency_cache.clear()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # assign=True replaces the parameters by the given tensors; copying in place keeps the stacks as they are
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.tie_stacked_parameters()
+        return result
+
+    def __setstate__(self, state):
+        # copy.deepcopy: every parameter arrives as a separate clone
+        super().__setstate__(state)
+        self.tie_stacked_parameters()
 
     # ------------------------------------------------------------------ backends and info
     def set_backend(self, name: str | None, attention: str | None = None) -> "UNet":

@@ -18,6 +18,13 @@ import kernel_device  # noqa: F401  (first: sets TRITON_INTERPRET before anythin
 import pytest
 import torch
 
+# Without CUDA the Triton kernels run in the interpreter. Triton reads TRITON_INTERPRET when a @triton.jit function
+# is defined, its own standard library (triton.language) included, and a test module's imports (diffusers, for
+# one) may import that before tests/kernel_device.py runs: settle it here, before any test module is imported.
+# (kernel_device.py makes the same choice, and undoes it on a GPU machine.)
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 # Tiny test tensors run fastest single-threaded; pytest-xdist supplies the parallelism.
 torch.set_num_threads(1)
 
@@ -60,3 +67,18 @@ def pytest_collection_modifyitems(config, items):
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = kept
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 convolutions and matmuls in full float32 on CUDA for the test (cuDNN's TF32 is on by default and
+    errs by about 1e-3 relative, within reach of float32 equivalence tolerances); restored afterwards."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -480,21 +480,17 @@ _GPU_CONFIG = dict(block_out_channels=[32, 64, 64], layers_per_block=2, norm_num
 
 
 @pytest.mark.gpu
-def test_float32_on_gpu_matches_diffusers():
+def test_float32_on_gpu_matches_diffusers(no_tf32):
+    """TF32 off (the no_tf32 fixture): TF32 convolutions would make both sides approximate."""
     ref = randomize_(UNet2DModel(**_GPU_CONFIG), _gen(810)).eval().cuda()
     model = UNet.from_diffusers(ref)
     x = torch.randn(4, 3, 32, 32, generator=_gen(811)).cuda()
     t = torch.tensor([0, 10, 500.5, 999], device="cuda")
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would make both sides approximate
-    try:
-        with torch.no_grad():
-            expected = ref(x, t).sample
-            for backend in ("reference", "auto"):
-                got = model.set_backend(backend)(x, t)
-                assert_close(got, expected, torch.float32, what=f"cuda float32, backend {backend}, seed {RUN_SEED}")
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+    with torch.no_grad():
+        expected = ref(x, t).sample
+        for backend in ("reference", "auto"):
+            got = model.set_backend(backend)(x, t)
+            assert_close(got, expected, torch.float32, what=f"cuda float32, backend {backend}, seed {RUN_SEED}")
 
 
 @pytest.mark.gpu
@@ -522,7 +518,7 @@ def test_half_precision_on_gpu_is_as_accurate_as_diffusers(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", "auto"])
-def test_forward_in_cuda_graph(backend):
+def test_forward_in_cuda_graph(backend, no_tf32):
     """The forward pass has no host synchronisation: capture it once, replay it with new inputs and timesteps."""
     model = randomize_(UNet(config_from_diffusers(_GPU_CONFIG)), _gen(830)).eval().cuda().set_backend(backend)
     x = torch.randn(2, 3, 32, 32, generator=_gen(831)).cuda()

@@ -79,12 +79,13 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, add=None, sil
 
 
 def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, noise=None, seeds=None,
-                noise_streams=None, backend=None):
+                noise_streams=None, backend=None, out=None):
     """One fused sampler update x_t -> x_{t-1} (see ``reference.STEP_COEFFS`` for the math).
 
     sample, model_output: [N, C, H, W] of one dtype and layout; coeffs: float32 [S, N_STEP_COEFFS] on the sample's
     device; step_index: int or integer device tensor; noise: a tensor like sample, or ``seeds`` (int64
     [N]) with ``noise_streams`` (int [S]) for in-kernel Philox noise, or neither (deterministic step).
+    ``out``: where to write x_{t-1} (a tensor like sample; ``sample`` itself updates it in place).
     """
     _check_float("sample", sample)
     _check_float("model_output", model_output)
@@ -101,6 +102,9 @@ def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, no
             raise ValueError(f"update step: need one seed per image ({sample.shape[0]}), got shape {tuple(seeds.shape)}")
         if noise_streams is None:
             raise ValueError("update step: seeds given without noise_streams")
+    if out is not None and (out.shape != sample.shape or out.dtype != sample.dtype or out.device != sample.device):
+        raise ValueError(f"update step: out must be like sample ({sample.dtype} {tuple(sample.shape)} on "
+                         f"{sample.device}), got {out.dtype} {tuple(out.shape)} on {out.device}")
     backend = check_backend(backend)
     if backend != "reference":
         problem = None
@@ -108,9 +112,10 @@ def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, no
             problem = _kernels().update_step_problem(sample, model_output, noise)
         if use_triton("update_step", backend, sample, problem):
             return _kernels().update_step(sample, model_output, coeffs, step_index, clip_range=clip_range,
-                                          noise=noise, seeds=seeds, noise_streams=noise_streams)
-    return reference.update_step(sample, model_output, coeffs, step_index, clip_range=clip_range, noise=noise,
-                                 seeds=seeds, noise_streams=noise_streams)
+                                          noise=noise, seeds=seeds, noise_streams=noise_streams, out=out)
+    result = reference.update_step(sample, model_output, coeffs, step_index, clip_range=clip_range, noise=noise,
+                                   seeds=seeds, noise_streams=noise_streams)
+    return result if out is None else out.copy_(result)
 
 
 def ddpm_step(sample, model_output, coeffs, step_index, **kwargs):

@@ -447,12 +447,13 @@ class SchedulerBase(ConfigProtocol):
         return SchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
 
     def step_at(self, model_output: torch.Tensor, step_index, sample: torch.Tensor, *, noise=None,
-                seeds=None) -> torch.Tensor:
+                seeds=None, out=None) -> torch.Tensor:
         """x_{t-1} from row ``step_index`` (int or integer device tensor) of ``.coeffs``; no host sync.
 
         Capturable in a CUDA graph: no ``.item()``, no branch on a device value, one output allocation.
         Noise: ``noise`` (like sample), or ``seeds`` (int64 [N]) for Philox noise from ``.noise_streams``;
-        a schedule that adds noise (``.needs_noise``) requires one of them.
+        a schedule that adds noise (``.needs_noise``) requires one of them. ``out``: where to write
+        x_{t-1} (``sample`` itself updates the sample in place).
         """
         self._check_ready()
         name = type(self).__name__
@@ -464,7 +465,8 @@ class SchedulerBase(ConfigProtocol):
             raise ValueError(f"{name}.step_at: this schedule adds noise; pass noise= or seeds=")
         return ops.update_step(sample, model_output, self._coeffs, step_index, clip_range=self.clip_range,
                                noise=noise, seeds=seeds,
-                               noise_streams=self._noise_streams if seeds is not None else None, backend=self.backend)
+                               noise_streams=self._noise_streams if seeds is not None else None, backend=self.backend,
+                               out=out)
 
     # ------------------------------------------------------------------ forward process and img2img
 
