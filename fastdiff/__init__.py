@@ -10,4 +10,14 @@ from .sampling import Sampler, generate, image_seed  # noqa: E402
 from .schedulers import DDIMScheduler, DDPMScheduler  # noqa: E402
 from .unet import UNet, UNetConfig  # noqa: E402
 
-__all__ = ["UNet", "UNetConfig", "DDPMScheduler", "DDIMScheduler", "Sampler", "generate", "image_seed", "__version__"]
+__all__ = ["UNet", "UNetConfig", "DDPMScheduler", "DDIMScheduler", "Sampler", "generate", "image_seed", "accelerate",
+           "__version__"]
+
+
+def __getattr__(name):
+    # fastdiff.accelerate lives in fastdiff.diffusers, which imports diffusers: loaded on first use only.
+    if name == "accelerate":
+        from .diffusers import accelerate
+
+        return accelerate
+    raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
