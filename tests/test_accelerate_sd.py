@@ -1,0 +1,182 @@
+"""``fastdiff.accelerate`` on Stable Diffusion pipelines: UNet2DConditionModel + AutoencoderKL patched in place.
+
+Tiny random components built in the test (UNet and VAE with 2 levels of 32/64 channels and 8 groups, a small CLIP
+text model, a CLIP tokenizer over a vocabulary written here). Each test runs the pipeline unaccelerated, then
+accelerates the same object and repeats the call with the same generator.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import kernel_device  # noqa: F401  (chooses compiled kernels or the interpreter before the kernels are imported)
+from accelerate_helpers import tiny_sd_components
+from fastdiff.testing import assert_close
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+from diffusers import (  # noqa: E402
+    DPMSolverMultistepScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
+
+import fastdiff  # noqa: E402
+from fastdiff.diffusers.modules import FastdiffAttnProcessor, is_patched  # noqa: E402
+
+STEPS = 2
+
+
+@pytest.fixture
+def pipe(tmp_path):
+    return StableDiffusionPipeline(**tiny_sd_components(str(tmp_path)), requires_safety_checker=False)
+
+
+def _run(pipe, prompt="the cat sitting", seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", STEPS)
+    kwargs.setdefault("output_type", "np")
+    kwargs.setdefault("height", 16)
+    kwargs.setdefault("width", 16)
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def _check(res, ref, what):
+    assert_close(torch.from_numpy(np.asarray(res)), torch.from_numpy(np.asarray(ref)), torch.float32, what=what)
+
+
+CALLS = {
+    "guidance": dict(guidance_scale=7.5),
+    "no guidance": dict(guidance_scale=1.0),
+    "negative prompt, 2 per prompt": dict(guidance_scale=5.0, negative_prompt="a dog", num_images_per_prompt=2),
+    "prompt list, 24x40": dict(prompt=["the cat", "a thing sitting"], height=24, width=40),
+    "latents out": dict(output_type="latent"),
+}
+
+
+def test_stable_diffusion_gives_the_same_images_accelerated(pipe):
+    def run_all():
+        out = {}
+        for name, kw in CALLS.items():
+            kw = dict(kw)
+            out[name] = _run(pipe, kw.pop("prompt", "the cat sitting"), seed=len(out), **kw)
+        return out
+
+    before = run_all()
+    fastdiff.accelerate(pipe, backend="reference")
+    for model, report in zip((pipe.unet, pipe.vae), pipe._fastdiff.reports):
+        for kind in ("ResnetBlock2D", "Attention", "GroupNorm", "Transformer2DModel"):
+            present = sum(type(m).__name__ == kind for m in model.modules())
+            assert present > 0 or (kind == "Transformer2DModel" and model is pipe.vae), (kind, report.summary())
+            if kind != "Transformer2DModel":
+                assert report.patched[kind] == present, report.summary()
+    unet_report, vae_report = pipe._fastdiff.reports
+    assert not unet_report.left and not vae_report.left
+    after = run_all()
+    assert after["negative prompt, 2 per prompt"].shape[0] == 2 and after["prompt list, 24x40"].shape[1:3] == (24, 40)
+    for name in CALLS:
+        _check(after[name], before[name], name)
+
+
+def test_triton_backend_runs_kernels_in_the_unet_and_the_vae(pipe, monkeypatch):
+    from fastdiff import kernels
+
+    device = kernel_device.DEVICE
+    pipe.to(device)
+    before = _run(pipe, guidance_scale=3.0, num_inference_steps=1)
+    fastdiff.accelerate(pipe, backend="triton", cuda_graphs=False)
+    where = {"now": None}
+    launches = {"unet": 0, "vae": 0, "fused add": 0}
+    for name in ("unet", "vae"):
+        model = getattr(pipe, name)
+        model.register_forward_pre_hook(lambda m, a, name=name: where.update(now=name))
+    # the VAE decodes through vae.decode, not its forward: label the decoder too
+    pipe.vae.decoder.register_forward_pre_hook(lambda m, a: where.update(now="vae"))
+    launcher = kernels.group_norm
+
+    def counting(x, *args, add=None, **kwargs):
+        launches[where["now"]] = launches.get(where["now"], 0) + 1
+        launches["fused add"] += add is not None
+        return launcher(x, *args, add=add, **kwargs)
+
+    monkeypatch.setattr(kernels, "group_norm", counting)
+    after = _run(pipe, guidance_scale=3.0, num_inference_steps=1)
+    _check(after, before, "triton backend")
+    unet_resnets = pipe._fastdiff.reports[0].patched["ResnetBlock2D"]
+    assert launches["fused add"] == unet_resnets, launches  # one step, CFG in one batch: one fused norm2 per block
+    assert launches["unet"] >= 2 * unet_resnets and launches["vae"] > 0, launches
+
+
+def test_weights_changed_in_place_after_accelerating_are_seen(pipe):
+    twin = copy.deepcopy(pipe)
+    fastdiff.accelerate(pipe, backend="reference")
+    first = _run(pipe)
+    with torch.no_grad():
+        for p in (pipe, twin):  # the same change to both: a "fused LoRA" on attention and a norm, a VAE conv
+            gen = torch.Generator().manual_seed(4)
+            for name, param in p.unet.named_parameters():
+                if name.endswith(("attn2.to_k.weight", "attn1.to_out.0.weight")):
+                    param.add_(torch.randn(param.shape, generator=gen) * 0.2)
+                if name.endswith("resnets.0.norm2.weight"):
+                    param.mul_(1.3)
+            p.vae.decoder.conv_out.weight.mul_(1.2)
+    changed = _run(pipe)
+    assert np.abs(changed - first).max() > 1e-3
+    _check(changed, _run(twin), "changed weights: accelerated vs unaccelerated")
+
+
+def test_dpm_solver_pipeline_gives_the_same_images(pipe):
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    before = _run(pipe, num_inference_steps=3, guidance_scale=4.0)
+    fastdiff.accelerate(pipe, backend="reference")
+    expected = "DPMSolverMultistepScheduler"
+    assert expected in pipe._fastdiff.scheduler
+    after = _run(pipe, num_inference_steps=3, guidance_scale=4.0)
+    _check(after, before, f"DPM-Solver++ ({pipe._fastdiff.scheduler})")
+
+
+def test_img2img_pipeline_shares_the_accelerated_components(pipe):
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))  # in [0, 1]
+    call = dict(prompt="the cat", image=image, strength=0.7, num_inference_steps=3, output_type="np")
+    before = img2img(generator=torch.Generator().manual_seed(2), **call).images
+    fastdiff.accelerate(img2img, backend="reference")
+    assert all(isinstance(m.processor, FastdiffAttnProcessor) for m in img2img.unet.modules() if hasattr(m, "processor"))
+    after = img2img(generator=torch.Generator().manual_seed(2), **call).images
+    _check(after, before, "img2img")
+
+
+def test_save_pretrained_of_an_accelerated_pipeline(pipe, tmp_path):
+    before = _run(pipe)
+    fastdiff.accelerate(pipe, backend="reference")
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "saved")
+    assert not any(is_patched(m) for m in loaded.unet.modules())
+    _check(_run(loaded), before, "saved after accelerating, loaded unaccelerated")
+
+
+@pytest.mark.gpu
+def test_unet_cuda_graphs_per_shape_with_weights_read_in_place(pipe):
+    """On CUDA the UNet forward is replayed from graphs keyed by batch (CFG doubling), latent shape and text length."""
+    pipe.to("cuda")
+    calls = [dict(guidance_scale=7.5), dict(guidance_scale=1.0), dict(guidance_scale=7.5, height=24, width=40)]
+    eager = [_run(pipe, seed=i, **kw) for i, kw in enumerate(calls)]
+    fastdiff.accelerate(pipe, backend="auto", cuda_graphs=True)
+    graphed = pipe.unet.forward
+    for _ in range(2):  # the second round replays the graphs captured in the first
+        for i, kw in enumerate(calls):
+            _check(_run(pipe, seed=i, **kw), eager[i], f"graphed call {kw}")
+    assert graphed.captures == 3 and graphed.replays == 2 * 3 * STEPS, (graphed.captures, graphed.replays)
+    twin = copy.deepcopy(pipe)
+    with torch.no_grad():
+        for p in (pipe, twin):
+            p.unet.conv_out.weight.mul_(1.5)
+    twin.unet.__dict__["forward"].enabled = False
+    _check(_run(pipe, seed=0, **calls[0]), _run(twin, seed=0, **calls[0]), "weight changed after capture is seen")
+    assert graphed.captures == 3
+    pipe.to(torch.float16)  # parameters replaced: graphs dropped and captured again
+    _run(pipe, seed=0, **calls[0])
+    assert graphed.captures == 4 and len(graphed.graphs) == 1
