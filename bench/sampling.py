@@ -6,7 +6,9 @@ Modes (one diffusers ``UNet2DModel`` with random weights per configuration; fast
 * ``triton``: the Triton ops, eager (CUDA only);
 * ``triton+graphs``: the Triton ops with the step captured in a CUDA graph (CUDA only);
 * ``diffusers``: diffusers' ``UNet2DModel`` stepped by diffusers' own DDIM/DDPM scheduler in a plain loop;
-* ``compile``: ``torch.compile(mode=...)`` (default ``max-autotune``) of fastdiff's reference model, eager loop.
+* ``compile``: ``torch.compile(mode=...)`` (default ``max-autotune``) of fastdiff's reference model, eager loop;
+* ``pipeline`` / ``pipeline+accelerate``: diffusers' DDIMPipeline / DDPMPipeline call, plain and after
+  ``fastdiff.accelerate`` (same call, same weights; ``bench/pipelines.py``), plus Stable-Diffusion-shaped rows.
 
 Per run: median seconds of a whole sampling call, images/s, per-step latency, FLOPs per image per step counted
 with ``torch.utils.flop_counter.FlopCounterMode`` (meta device, batch 1), achieved TFLOP/s and its fraction of a
@@ -25,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from bench import common
+from bench import common, pipelines
 
-MODES = ("reference", "triton", "triton+graphs", "diffusers", "compile")
+MODES = ("reference", "triton", "triton+graphs", "diffusers", "compile") + pipelines.PIPELINE_MODES
 CUDA_ONLY = ("triton", "triton+graphs")
 
 _BASE = {"act_fn": "silu", "attention_head_dim": None, "center_input_sample": False, "downsample_padding": 0,
@@ -193,7 +195,7 @@ def run_mode(mode, ctx, rec, args) -> None:
     seeds = image_seeds(0, range(batch), device=device)
     if mode in CUDA_ONLY and device.type != "cuda":
         return _skip(rec, "not run", "not run: no CUDA (the Triton kernels and CUDA graphs need a GPU)")
-    if mode == "diffusers" and ctx["dmodel"] is None:
+    if mode in ("diffusers", *pipelines.PIPELINE_MODES) and ctx["dmodel"] is None:
         return _skip(rec, "not run", ctx["dmodel_reason"])
     if mode == "compile":
         if args.no_compile:
@@ -203,9 +205,12 @@ def run_mode(mode, ctx, rec, args) -> None:
                                          "minutes on a small CPU (run without --quick to measure it)")
     if ctx["elapsed"]() > args.time_budget:
         return _skip(rec, "skipped", f"skipped: the time budget of {args.time_budget:.0f} s is used up")
-    rec["flops_per_image_step"] = ctx["flops"]["diffusers" if mode == "diffusers" else "fastdiff"]
+    rec["flops_per_image_step"] = ctx["flops"]["diffusers" if mode in ("diffusers", *pipelines.PIPELINE_MODES)
+                                                else "fastdiff"]
     try:
-        if mode == "diffusers":
+        if mode in pipelines.PIPELINE_MODES:
+            fn, forward = pipelines.pipeline_mode(mode, ctx, rec)
+        elif mode == "diffusers":
             shape = (batch, *ctx["image_shape"])
             x_start = ops.gaussian_noise(seeds, ops.INITIAL_NOISE_STREAM, shape[1:], dtype=torch.float32,
                                          backend="reference").to(dtype)
@@ -323,6 +328,7 @@ def markdown(report: dict) -> str:
     reasons = sorted({r["reason"] for r in report["runs"] if r.get("reason")})
     if reasons:
         lines += ["", "Not measured:"] + [f"- {x}" for x in reasons]
+    lines += pipelines.sd_markdown(report.get("stable_diffusion"))
     return "\n".join(lines) + "\n"
 
 
@@ -335,7 +341,8 @@ def chart(report: dict, path: Path) -> None:
             groups.append(key)
     fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.5 * max(1, len(groups)), 4.2), squeeze=False,
                              layout="constrained")
-    colors = dict(zip(MODES, ("tab:gray", "tab:orange", "tab:red", "tab:blue", "tab:green")))
+    colors = dict(zip(MODES, ("tab:gray", "tab:orange", "tab:red", "tab:blue", "tab:green", "tab:cyan",
+                              "tab:purple")))
     for ax, (model, sched, steps) in zip(axes[0], groups):
         runs = [r for r in report["runs"] if (r["model"], r["scheduler"], r["steps"]) == (model, sched, steps)]
         batches = sorted({r["batch"] for r in runs})
@@ -483,6 +490,8 @@ def _run(args, argv, device, preset_name) -> int:
         ctx.update(model=None, dmodel=None, compiled={})
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if any(m in modes for m in pipelines.PIPELINE_MODES) and ctx["elapsed"]() <= args.time_budget:
+        report["stable_diffusion"] = pipelines.stable_diffusion_runs(device, dtype, args.quick, args, monitor)
     from fastdiff.attention import chosen_backends
     from fastdiff.ops import fallback_counts
 
