@@ -341,6 +341,51 @@ def test_resnet_block_matches_diffusers(case):
     assert_close(out, ref, torch.float32, what=f"ResnetBlock2D {case}")
 
 
+# ---------------------------------------------------------------------------------------------- step loop
+@pytest.mark.parametrize("kind, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_step_loop_gives_diffusers_images(kind, eta):
+    """The loop CUDA replays (graphs.StepLoop: timestep gathered on the device, fastdiff's fused update, each
+    step's noise drawn from the caller's generator as diffusers draws it) run eagerly on the CPU: same images."""
+    from fastdiff.schedulers import DDIMScheduler as FastDDIM
+    from fastdiff.schedulers import DDPMScheduler as FastDDPM
+
+    pipe = _pipeline(kind, 2, seed=14)
+    kwargs = dict(batch_size=2, num_inference_steps=4, output_type="pt")
+    if kind == "ddim":
+        kwargs["eta"] = eta
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
+    before = pipe(generator=gens(), **kwargs).images
+    fastdiff.accelerate(pipe, backend="reference")
+    config = dict(pipe.scheduler.config)
+    pipe.scheduler = (FastDDIM if kind == "ddim" else FastDDPM).from_diffusers_config(config, backend="reference")
+    pipe._fastdiff.step_loop_off_cuda = True
+    assert pipe._use_step_graph()
+    after = pipe(generator=gens(), **kwargs).images
+    again = pipe(generator=gens(), **kwargs).images
+    assert len(pipe._fastdiff.loops) == 1, "the second call reuses the loop"
+    _check_same(after, before, f"{kind} eta={eta} step loop vs diffusers")
+    _check_same(again, before, "second call")
+
+
+def test_graph_keys_follow_shapes_not_values():
+    """GraphedForward's cache key: batch (CFG doubling), latent shape, text length and dtypes, never a timestep value;
+    arguments it cannot copy into a static buffer make the call eager (no key)."""
+    from fastdiff.diffusers.graphs import GraphedForward
+
+    graphed = GraphedForward(torch.nn.Linear(1, 1), eager_forward=None)
+    cpu = torch.device("cpu")
+
+    def key(batch=2, size=8, tokens=7, t=5, **kw):
+        x, text = torch.randn(batch, 4, size, size), torch.randn(batch, tokens, 32)
+        return graphed._key((x, torch.tensor(t)), {"encoder_hidden_states": text, "return_dict": False, **kw}, cpu)[0]
+
+    assert key(t=5) == key(t=900)
+    assert len({key(), key(batch=4), key(size=16), key(tokens=77), key(return_dict=True)}) == 5
+    assert key(added_cond_kwargs={"time_ids": torch.zeros(2, 6)}) != key(added_cond_kwargs={"time_ids": torch.zeros(2, 5)})
+    assert key(cross_attention_kwargs={"scale": 0.5}) != key(cross_attention_kwargs={"scale": 1.0})
+    assert key(callback=object()) is None
+
+
 # ---------------------------------------------------------------------------------------------- CUDA graphs
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
@@ -352,7 +397,7 @@ def test_cuda_graph_step_loop_gives_the_same_images(kind):
         kwargs["eta"] = 1.0
     eager = _images(pipe, seed=8, **kwargs).images
     fastdiff.accelerate(pipe, backend="auto", cuda_graphs=True)
-    assert pipe._use_step_graph()
+    assert pipe._use_step_graph() == pipe._fastdiff.scheduler.startswith("fastdiff")
     first = _images(pipe, seed=8, **kwargs).images
     second = _images(pipe, seed=8, **kwargs).images
     state = pipe._fastdiff

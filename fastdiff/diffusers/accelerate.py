@@ -38,6 +38,7 @@ class AccelerationState:
     loops: dict = dataclasses.field(default_factory=dict)  # captured denoising steps (DDPM/DDIM pipelines)
     pool: object = None
     signature: tuple | None = None
+    step_loop_off_cuda: bool = False  # run the DDPM/DDIM step loop eagerly off CUDA (checks the loop on the CPU)
 
     def summary(self) -> str:
         return "; ".join([r.summary() for r in self.reports] + [f"scheduler: {self.scheduler}"])
@@ -57,7 +58,7 @@ class AccelerationState:
                 scheduler.set_timesteps(steps, device=device, eta=eta, use_clipped_model_output=clipped)
             else:
                 scheduler.set_timesteps(steps, device=device)
-            if self.pool is None:
+            if self.pool is None and torch.device(device).type == "cuda":
                 self.pool = torch.cuda.graph_pool_handle()
             forward = pipe.unet.forward
             eager = forward.eager_forward if isinstance(forward, graphs.GraphedForward) else forward

@@ -145,7 +145,8 @@ class StepLoop:
     """The denoising step x_t -> x_{t-1} of a DDPM/DDIM pipeline (UNet + fastdiff's update) as one CUDA graph.
 
     ``scheduler``: a fastdiff scheduler with its timesteps set on the device (this object keeps a copy);
-    ``unet_forward(x, t)``: diffusers' eager forward returning an output with ``.sample``.
+    ``unet_forward(x, t)``: diffusers' eager forward returning an output with ``.sample``. On a CUDA device the
+    step is captured and replayed; elsewhere the very same ``step`` runs eagerly (how the CPU tests check it).
     """
 
     def __init__(self, unet_forward, scheduler, shape, dtype, device, pool):
@@ -155,9 +156,11 @@ class StepLoop:
         self.noise = torch.zeros(shape, dtype=dtype, device=device)
         self.step_index = torch.zeros((), dtype=torch.int64, device=device)
         self.unet_forward = unet_forward
-        self.graph = torch.cuda.CUDAGraph()
-        # warm-up and capture run step 0 on scratch data; run() sets the real state before the first replay
-        _capture(self.graph, pool, device, self.step, reset=self.step_index.zero_)
+        self.graph = None
+        if torch.device(device).type == "cuda":
+            # warm-up and capture run step 0 on scratch data; run() sets the real state before the first replay
+            self.graph = torch.cuda.CUDAGraph()
+            _capture(self.graph, pool, device, self.step, reset=self.step_index.zero_)
         self.replays = 0
 
     def step(self):
@@ -179,6 +182,9 @@ class StepLoop:
                 self.noise.copy_(noise)
             else:
                 self.noise.zero_()
-            self.graph.replay()
-            self.replays += 1
+            if self.graph is None:
+                self.step()
+            else:
+                self.graph.replay()
+                self.replays += 1
         return self.x.clone()

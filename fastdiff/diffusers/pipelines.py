@@ -45,13 +45,14 @@ class _GraphLoopMixin:
     _ddim = False
 
     def _use_step_graph(self) -> bool:
+        """True where the denoising loop runs as ``graphs.StepLoop``: CUDA graphs allowed, the UNet on CUDA (or the
+        loop forced on for a check: ``pipe._fastdiff.step_loop_off_cuda``) and a fastdiff DDPM/DDIM scheduler."""
         from fastdiff.schedulers.schedule import SchedulerBase
 
         state = getattr(self, "_fastdiff", None)
-        if state is None or state.cuda_graphs is False:
+        if state is None or state.cuda_graphs is False or not isinstance(self.scheduler, SchedulerBase):
             return False
-        return (self.unet.device.type == "cuda" and isinstance(self.scheduler, SchedulerBase)
-                and not torch.is_grad_enabled())
+        return self.unet.device.type == "cuda" or state.step_loop_off_cuda
 
     def __call__(self, *args, **kwargs):
         parent = super().__call__
