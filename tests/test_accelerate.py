@@ -63,6 +63,8 @@ def test_pipeline_gives_the_same_images_accelerated(kind, config_index):
     before = _images(pipe, seed=11, batch_size=2).images
     fastdiff.accelerate(pipe, backend="reference")
     assert pipe._fastdiff.reports[0].patched["ResnetBlock2D"] > 0
+    expected = fastdiff.DDPMScheduler if kind == "ddpm" else fastdiff.DDIMScheduler
+    assert type(pipe.scheduler) is expected and pipe.scheduler.backend == "reference", pipe._fastdiff.scheduler
     after = _images(pipe, seed=11, batch_size=2).images
     _check_same(after, before, f"{kind} config {config_index} ({random_unet2d_config(config_index)})")
     again = _images(pipe, seed=11, batch_size=2).images  # repeatable
@@ -128,9 +130,19 @@ def test_triton_backend_runs_the_kernels_and_matches(monkeypatch):
         launches["silu"] += bool(silu)
         return launcher(x, *args, add=add, silu=silu, **kwargs)
 
+    steps_run = []
+    update_launcher = kernels.update_step
+
+    def counting_update(*args, **kwargs):
+        steps_run.append(1)
+        return update_launcher(*args, **kwargs)
+
     monkeypatch.setattr(kernels, "group_norm", counting)
+    monkeypatch.setattr(kernels, "update_step", counting_update)
     after = _images(pipe, seed=3, batch_size=2, output_type="pt").images
     _check_same(after, before, "triton backend")
+    # fastdiff's DDIM step is the fused update kernel: prev_sample and pred_original_sample, every step
+    assert type(pipe.scheduler) is fastdiff.DDIMScheduler and len(steps_run) == 2 * STEPS, len(steps_run)
     report = pipe._fastdiff.reports[0]
     per_step = report.patched["GroupNorm"] + report.patched["ResnetBlock2D"]  # norm1+norm2 per block, conv_norm_out
     # each ResnetBlock2D launches 2 fused kernels, each attention its norm, plus conv_norm_out: every step
@@ -153,8 +165,10 @@ def test_module_tree_parameters_and_state_dict_are_diffusers_own(tmp_path):
     assert list(pipe.unet.state_dict()) == keys
     assert all(p is params[name] for name, p in pipe.unet.named_parameters()), "parameters must be shared, not copied"
     pipe.save_pretrained(tmp_path)
+    assert isinstance(pipe.scheduler, fastdiff.DDPMScheduler), "saving keeps fastdiff's scheduler in the pipeline"
     loaded = DDPMPipeline.from_pretrained(tmp_path)
     assert not any(is_patched(m) for m in loaded.unet.modules())
+    assert type(loaded.scheduler) is DDPMScheduler and loaded.scheduler.config.num_train_timesteps == 100
     _check_same(_images(loaded, seed=1).images, before, "saved accelerated pipeline, loaded back unaccelerated")
 
 
@@ -223,6 +237,16 @@ def test_unsupported_scheduler_is_kept_and_logged(caplog):
     _check_same(_images(pipe, seed=6).images, before, "DDPMParallelScheduler kept")
 
 
+def test_scheduler_config_fastdiff_cannot_run_keeps_diffusers_scheduler(caplog):
+    pipe = _pipeline("ddpm", 1, seed=15)
+    pipe.scheduler = DDPMScheduler(num_train_timesteps=100, variance_type="learned_range")
+    with caplog.at_level(logging.INFO, logger="fastdiff.diffusers"):
+        fastdiff.accelerate(pipe, backend="reference")
+    assert type(pipe.scheduler) is DDPMScheduler
+    assert "kept diffusers' DDPMScheduler (its config is not supported by fastdiff" in caplog.text
+    assert "learned_range" in pipe._fastdiff.scheduler
+
+
 def test_custom_pipeline_holding_a_unet_and_scheduler():
     """A user's own DiffusionPipeline subclass: its UNet and scheduler are accelerated, its loop is its own."""
     from diffusers import DiffusionPipeline
@@ -244,7 +268,7 @@ def test_custom_pipeline_holding_a_unet_and_scheduler():
     pipe = MyPipeline(unet, DDPMScheduler(num_train_timesteps=50))
     before = pipe(torch.Generator().manual_seed(0))
     fastdiff.accelerate(pipe, backend="reference")
-    assert type(pipe) is MyPipeline
+    assert type(pipe) is MyPipeline and type(pipe.scheduler) is fastdiff.DDPMScheduler
     _check_same(pipe(torch.Generator().manual_seed(0)), before, "custom pipeline")
 
 
@@ -356,8 +380,7 @@ def test_step_loop_gives_diffusers_images(kind, eta):
     gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
     before = pipe(generator=gens(), **kwargs).images
     fastdiff.accelerate(pipe, backend="reference")
-    config = dict(pipe.scheduler.config)
-    pipe.scheduler = (FastDDIM if kind == "ddim" else FastDDPM).from_diffusers_config(config, backend="reference")
+    assert type(pipe.scheduler) is (FastDDIM if kind == "ddim" else FastDDPM)
     pipe._fastdiff.step_loop_off_cuda = True
     assert pipe._use_step_graph()
     after = pipe(generator=gens(), **kwargs).images

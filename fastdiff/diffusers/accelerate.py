@@ -114,6 +114,26 @@ def _swap_scheduler(pipe, backend: str) -> str:
     return why
 
 
+def _save_pretrained(self, *args, **kwargs):
+    """diffusers' ``save_pretrained`` with fastdiff's scheduler saved as diffusers' class of the same algorithm and
+    config (diffusers saves only its own scheduler classes), so the folder loads back with plain diffusers."""
+    scheduler = getattr(self, "scheduler", None)
+    save = type(self).save_pretrained.__get__(self, type(self))
+    if scheduler is None or not type(scheduler).__module__.startswith("fastdiff"):
+        return save(*args, **kwargs)
+    import diffusers
+
+    name = getattr(scheduler, "diffusers_class_name", type(scheduler).__name__)
+    self.scheduler = getattr(diffusers, name).from_config(dict(scheduler.config))
+    try:
+        return save(*args, **kwargs)
+    finally:
+        self.scheduler = scheduler
+
+
+_save_pretrained._fastdiff_patch = True
+
+
 def _graph_forward(model, cuda_graphs) -> None:
     """Route ``model``'s forward through ``GraphedForward`` (once; accelerating again updates the setting)."""
     current = model.__dict__.get("forward")
@@ -157,6 +177,8 @@ def accelerate(pipe, *, backend: str = "auto", cuda_graphs: bool | None = None, 
         log.info("fastdiff.accelerate: left the VAE %s as it is (only AutoencoderKL is patched)", type(vae).__name__)
     scheduler = _swap_scheduler(pipe, backend)
     _graph_forward(unet, cuda_graphs)
+    if callable(getattr(type(pipe), "save_pretrained", None)):
+        pipe.__dict__["save_pretrained"] = _save_pretrained.__get__(pipe, type(pipe))
     accelerated = ACCELERATED_CLASSES.get(type(pipe))
     if accelerated is not None:
         pipe.__class__ = accelerated

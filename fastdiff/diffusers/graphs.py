@@ -7,7 +7,8 @@ an adapter does, changes the parameter signature and drops every graph, which ar
 - ``GraphedForward``: a denoiser's forward captured once per input signature (batch including the
   classifier-free-guidance doubling, latent shape, text length, dtypes and the structure of the extra inputs),
   all graphs of one model in one memory pool, a graph never replayed for another batch size. Inputs are
-  copied into the graph's static buffers before each replay, the output is cloned out.
+  copied into the graph's static buffers before each replay, the output is cloned out (in the sample's memory
+  layout, eager calls too: fastdiff's fused scheduler update takes one layout).
 - ``StepLoop``: the whole denoising step of a DDPM/DDIM pipeline (UNet forward + fastdiff's fused scheduler
   update) as one graph replayed once per step. The timestep and the coefficients are read on the device from
   the step counter; the step's Gaussian noise is drawn outside the graph exactly as diffusers draws it
@@ -32,6 +33,28 @@ _SCALARS = (type(None), bool, int, float, str)
 def parameter_signature(model: torch.nn.Module) -> tuple:
     """Addresses, dtypes and devices of every parameter and buffer: changes when one is replaced."""
     return tuple((t.data_ptr(), t.dtype, t.device) for t in (*model.parameters(), *model.buffers()))
+
+
+def _layout_of(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _match_sample(output, sample: torch.Tensor, copy_always: bool):
+    """``output`` with every tensor shaped like ``sample`` in sample's memory layout (a copy where it differs, or
+    always with ``copy_always``: a graph's static output must not be handed out). diffusers' convolutions may
+    return a channels_last prediction for an NCHW sample; fastdiff's fused scheduler update wants one layout."""
+    fmt = _layout_of(sample)
+
+    def fix(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.shape == sample.shape and not t.is_contiguous(memory_format=fmt):
+            return t.clone(memory_format=fmt)
+        return t.clone() if copy_always else t
+
+    return pytree.tree_map(fix, output)
 
 
 def _capture(graph: torch.cuda.CUDAGraph, pool, device, fn, reset=None, warmup: int = 2):
@@ -98,9 +121,10 @@ class GraphedForward:
 
     def __call__(self, sample, timestep, *args, **kwargs):
         model = self.model
-        if (self.enabled is False or not isinstance(sample, torch.Tensor) or not sample.is_cuda
-                or torch.is_grad_enabled() or model.training):
+        if not isinstance(sample, torch.Tensor):
             return self.eager_forward(sample, timestep, *args, **kwargs)
+        if self.enabled is False or not sample.is_cuda or torch.is_grad_enabled() or model.training:
+            return _match_sample(self.eager_forward(sample, timestep, *args, **kwargs), sample, False)
         if isinstance(timestep, numbers.Number) and not isinstance(timestep, bool):
             # diffusers turns a Python timestep into a one-element tensor; doing it here keeps one graph for all steps
             dtype = torch.float64 if isinstance(timestep, float) else torch.int64
@@ -108,7 +132,7 @@ class GraphedForward:
         call_args = (sample, timestep, *args)
         key, leaves = self._key(call_args, kwargs, sample.device)
         if key is None:
-            return self.eager_forward(sample, timestep, *args, **kwargs)
+            return _match_sample(self.eager_forward(sample, timestep, *args, **kwargs), sample, False)
         signature = parameter_signature(model)
         if signature != self.signature:
             if self.graphs:
@@ -124,7 +148,7 @@ class GraphedForward:
                 static.copy_(leaf)
         entry.graph.replay()
         self.replays += 1
-        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, entry.output)
+        return _match_sample(entry.output, sample, True)
 
     def _capture_graph(self, leaves, call_args, kwargs, device) -> _Graph:
         if self.pool is None:
@@ -166,7 +190,7 @@ class StepLoop:
     def step(self):
         """One step at ``self.step_index``; capturable: the timestep is gathered on the device, nothing syncs."""
         t = self.scheduler.timesteps.index_select(0, self.step_index.reshape(1))
-        model_output = self.unet_forward(self.x, t).sample
+        model_output = _match_sample(self.unet_forward(self.x, t).sample, self.x, False)
         new = self.scheduler.step_at(model_output, self.step_index, self.x, noise=self.noise)
         self.x.copy_(new)
         self.step_index.add_(1)
