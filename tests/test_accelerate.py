@@ -209,6 +209,19 @@ def test_accelerating_twice_is_harmless_and_to_keeps_working():
     _check_same(_images(pipe, seed=5).images, _images(twin, seed=5).images, "after pipe.to(float64)")
 
 
+def test_a_copy_of_an_accelerated_pipeline_is_accelerated_and_independent():
+    pipe = _pipeline("ddim", 3, seed=16)
+    before = _images(pipe, seed=2).images
+    fastdiff.accelerate(pipe, backend="reference")
+    twin = copy.deepcopy(pipe)
+    assert twin.unet.forward.model is twin.unet and twin._fastdiff.loops == {}
+    assert all(is_patched(m) == is_patched(n) for m, n in zip(pipe.unet.modules(), twin.unet.modules()))
+    _check_same(_images(twin, seed=2).images, before, "deep copy of an accelerated pipeline")
+    with torch.no_grad():
+        twin.unet.conv_out.weight.mul_(2.0)
+    _check_same(_images(pipe, seed=2).images, before, "the original after changing the copy's weights")
+
+
 def test_unaccelerate_restores_diffusers_forwards():
     pipe = _pipeline("ddpm", 1, seed=9)
     fastdiff.accelerate(pipe, backend="reference")
@@ -413,26 +426,28 @@ def test_graph_keys_follow_shapes_not_values():
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
 def test_cuda_graph_step_loop_gives_the_same_images(kind):
-    """On CUDA the whole denoising step is one graph: same images as eager diffusers, replayed across calls."""
+    """On CUDA the whole denoising step is one graph: same images as eager diffusers, replayed across calls, and a
+    weight changed in place after the capture is seen by the next call."""
     pipe = _pipeline(kind, 1, seed=13).to("cuda")
+    twin = copy.deepcopy(pipe)  # stays diffusers' own
     kwargs = dict(batch_size=2, output_type="pt", num_inference_steps=4)
     if kind == "ddim":
         kwargs["eta"] = 1.0
-    eager = _images(pipe, seed=8, **kwargs).images
+    eager = _images(twin, seed=8, **kwargs).images
     fastdiff.accelerate(pipe, backend="auto", cuda_graphs=True)
-    assert pipe._use_step_graph() == pipe._fastdiff.scheduler.startswith("fastdiff")
+    assert pipe._use_step_graph(), pipe._fastdiff.scheduler
     first = _images(pipe, seed=8, **kwargs).images
     second = _images(pipe, seed=8, **kwargs).images
-    state = pipe._fastdiff
-    if state.scheduler.startswith("fastdiff"):
-        assert len(state.loops) == 1 and next(iter(state.loops.values())).replays == 8
-    _check_same(first, eager, "graphed step loop vs eager diffusers")
-    _check_same(second, eager, "second graphed call")
+    loops = pipe._fastdiff.loops
+    assert len(loops) == 1 and next(iter(loops.values())).replays == 2 * 4
+    # compiled kernels round differently from diffusers' eager ops (GUIDE: approximate / and sqrt on the GPU), and
+    # four steps of a random network amplify that: a looser bound than one op's 1e-5, still far below a wrong step
+    _check_same(first, eager, "graphed step loop vs eager diffusers", rtol=1e-4)
+    _check_same(second, first, "second graphed call", rtol=1e-6)
     with torch.no_grad():
-        pipe.unet.conv_out.weight.mul_(1.5)
+        for p in (pipe, twin):
+            p.unet.conv_out.weight.mul_(1.5)
     changed = _images(pipe, seed=8, **kwargs).images
-    unpatch_model(pipe.unet)
-    ref = copy.deepcopy(pipe)
-    ref.__class__ = DDIMPipeline if kind == "ddim" else DDPMPipeline
-    del ref.unet.__dict__["forward"]
-    _check_same(changed, _images(ref, seed=8, **kwargs).images, "a weight changed after capture is seen")
+    assert (changed - first).abs().max() > 1e-3
+    _check_same(changed, _images(twin, seed=8, **kwargs).images, "a weight changed after capture is seen", rtol=1e-4)
+    assert len(loops) == 1, "an in-place change needs no new capture"

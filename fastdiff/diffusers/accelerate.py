@@ -6,6 +6,7 @@ pipeline stays the same object with the same components, parameters, call signat
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 
@@ -39,6 +40,11 @@ class AccelerationState:
     pool: object = None
     signature: tuple | None = None
     step_loop_off_cuda: bool = False  # run the DDPM/DDIM step loop eagerly off CUDA (checks the loop on the CPU)
+
+    def __deepcopy__(self, memo):
+        """A copied pipeline captures its own loops: graphs are not copied."""
+        return dataclasses.replace(self, reports=copy.deepcopy(self.reports, memo), loops={}, pool=None,
+                                   signature=None)
 
     def summary(self) -> str:
         return "; ".join([r.summary() for r in self.reports] + [f"scheduler: {self.scheduler}"])

@@ -100,6 +100,10 @@ class GraphedForward:
         self.captures = 0
         self.replays = 0
 
+    def __deepcopy__(self, memo):
+        """A copy of the model gets its own, empty graph cache (graphs belong to one set of parameters)."""
+        return GraphedForward(copy.deepcopy(self.model, memo), copy.deepcopy(self.eager_forward, memo), self.enabled)
+
     def reset(self) -> None:
         self.graphs.clear()
         self.pool = None
