@@ -148,7 +148,8 @@ def stable_diffusion_runs(device, dtype, quick: bool, args, monitor) -> dict:
     reference = {}
     for mode in SD_MODES:
         if mode == "compile" and (args.no_compile or (quick and device.type == "cpu")):
-            why = "skipped: --no-compile" if args.no_compile else "skipped: --quick on the CPU (compiling takes minutes)"
+            why = ("skipped: --no-compile" if args.no_compile
+                   else "skipped: --quick on the CPU (compiling takes minutes)")
             out["runs"] += [{"what": w, "mode": mode, "status": "skipped", "reason": why} for w in ("step", "decode")]
             continue
         sched = DDIMScheduler(**sd_schedule)
@@ -217,7 +218,8 @@ def sd_markdown(sd: dict) -> list[str]:
     rows = []
     for r in sd["runs"]:
         mem = r.get("peak_memory_bytes")
-        rows.append([r["what"], r["mode"], common.fmt(None if r.get("median_s") is None else r["median_s"] * 1e3, ".3g"),
+        ms = None if r.get("median_s") is None else r["median_s"] * 1e3
+        rows.append([r["what"], r["mode"], common.fmt(ms, ".3g"),
                      common.fmt(r.get("speedup_vs_diffusers"), ".2f"),
                      common.fmt(None if mem is None else mem / 2**30, ".2f"),
                      common.fmt(r.get("rel_error_vs_diffusers"), ".1e"), r.get("reason", "")])

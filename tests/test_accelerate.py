@@ -222,6 +222,18 @@ def test_a_copy_of_an_accelerated_pipeline_is_accelerated_and_independent():
     _check_same(_images(pipe, seed=2).images, before, "the original after changing the copy's weights")
 
 
+def test_dtype_casts_the_pipeline_first():
+    pipe = _pipeline("ddim", 0, seed=17)
+    twin = copy.deepcopy(pipe).to(torch.bfloat16)
+    fastdiff.accelerate(pipe, backend="reference", dtype=torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16
+    images = _images(pipe, seed=3, output_type="pt").images
+    assert images.dtype == torch.bfloat16
+    # bfloat16 through fastdiff's float32-statistics GroupNorm vs torch's bfloat16 ops: the bfloat16 tolerance
+    assert_close(images.float(), _images(twin, seed=3, output_type="pt").images.float(), torch.bfloat16,
+                 what="bfloat16 pipeline")
+
+
 def test_unaccelerate_restores_diffusers_forwards():
     pipe = _pipeline("ddpm", 1, seed=9)
     fastdiff.accelerate(pipe, backend="reference")
@@ -417,7 +429,8 @@ def test_graph_keys_follow_shapes_not_values():
 
     assert key(t=5) == key(t=900)
     assert len({key(), key(batch=4), key(size=16), key(tokens=77), key(return_dict=True)}) == 5
-    assert key(added_cond_kwargs={"time_ids": torch.zeros(2, 6)}) != key(added_cond_kwargs={"time_ids": torch.zeros(2, 5)})
+    time_ids = lambda n: {"time_ids": torch.zeros(2, n)}  # noqa: E731
+    assert key(added_cond_kwargs=time_ids(6)) != key(added_cond_kwargs=time_ids(5))
     assert key(cross_attention_kwargs={"scale": 0.5}) != key(cross_attention_kwargs={"scale": 1.0})
     assert key(callback=object()) is None
 

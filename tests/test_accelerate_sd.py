@@ -149,7 +149,8 @@ def test_img2img_pipeline_shares_the_accelerated_components(pipe):
     call = dict(prompt="the cat", image=image, strength=0.7, num_inference_steps=3, output_type="np")
     before = img2img(generator=torch.Generator().manual_seed(2), **call).images
     fastdiff.accelerate(img2img, backend="reference")
-    assert all(isinstance(m.processor, FastdiffAttnProcessor) for m in img2img.unet.modules() if hasattr(m, "processor"))
+    processors = [m.processor for m in img2img.unet.modules() if hasattr(m, "processor")]
+    assert processors and all(isinstance(p, FastdiffAttnProcessor) for p in processors)
     after = img2img(generator=torch.Generator().manual_seed(2), **call).images
     _check(after, before, "img2img")
 

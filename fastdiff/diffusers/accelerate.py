@@ -169,7 +169,12 @@ def accelerate(pipe, *, backend: str = "auto", cuda_graphs: bool | None = None, 
         raise ValueError(f"dtype must be one of {[str(d) for d in _FLOAT_DTYPES]}, got {dtype!r}")
     unet = _denoiser(pipe)
     if dtype is not None:
-        pipe.to(dtype=dtype)
+        if callable(getattr(pipe, "to", None)):
+            pipe.to(dtype=dtype)
+        else:  # a plain object holding the components
+            for model in (unet, getattr(pipe, "vae", None)):
+                if isinstance(model, torch.nn.Module):
+                    model.to(dtype=dtype)
 
     from diffusers import AutoencoderKL
 

@@ -140,7 +140,8 @@ class GraphedForward:
         signature = parameter_signature(model)
         if signature != self.signature:
             if self.graphs:
-                log.info("%s: parameters were replaced; dropping %d CUDA graphs", type(model).__name__, len(self.graphs))
+                log.info("%s: parameters were replaced; dropping %d CUDA graphs", type(model).__name__,
+                         len(self.graphs))
             self.reset()
             self.signature = signature
         entry = self.graphs.get(key)

@@ -36,7 +36,6 @@ from fastdiff import ops
 
 log = logging.getLogger("fastdiff.diffusers")
 
-BACKENDS = ops.BACKENDS
 _BACKEND_ATTR = "_fastdiff_backend"
 
 

@@ -16,7 +16,6 @@ import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import graphs
 
 
 def _image_shape(unet, batch_size: int) -> tuple:
