@@ -101,3 +101,29 @@ def tiny_sd_components(folder: str, seed: int = 0, cross_attention_dim: int = 32
                               set_alpha_to_one=False, steps_offset=1)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                 safety_checker=None, feature_extractor=None, image_encoder=None)
+
+
+class HostReadGuard:
+    """A TorchDispatchMode that fails on every aten op reading a device value back to the host (GUIDE.md):
+    ``.item()``, ``bool(t)``, indexing with a 0-dim tensor, ``nonzero``, ``equal``. It sees the C++ path too."""
+
+    FORBIDDEN = ("_local_scalar_dense", "is_nonzero", "nonzero", "equal", "item")
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        forbidden = self.FORBIDDEN
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name in forbidden:
+                    raise AssertionError(f"host read inside the step: aten.{name}")
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)

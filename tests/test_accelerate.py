@@ -415,6 +415,28 @@ def test_step_loop_gives_diffusers_images(kind, eta):
     _check_same(again, before, "second call")
 
 
+def test_the_captured_step_reads_nothing_back_to_the_host():
+    """StepLoop.step (what CUDA captures): UNet forward on fastdiff's ops + fused update, no host read (and so
+    capturable), checked op by op with a dispatch mode; the guard itself fires on a host read."""
+    from accelerate_helpers import HostReadGuard
+
+    for kind in ("ddpm", "ddim"):
+        pipe = _pipeline(kind, 1, seed=18)
+        fastdiff.accelerate(pipe, backend="reference")
+        pipe._fastdiff.step_loop_off_cuda = True
+        shape = (2, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+        eta = 1.0 if kind == "ddim" else 0.0
+        loop = pipe._fastdiff.step_loop(pipe, shape, torch.float32, torch.device("cpu"), 3, eta, False, kind == "ddim")
+        loop.x.normal_()
+        loop.noise.normal_()
+        with torch.no_grad(), HostReadGuard():
+            for _ in range(3):
+                loop.step()
+        assert int(loop.step_index) == 3
+    with pytest.raises(AssertionError, match="host read inside the step"), HostReadGuard():
+        torch.ones(3)[torch.tensor(1)].item()
+
+
 def test_graph_keys_follow_shapes_not_values():
     """GraphedForward's cache key: batch (CFG doubling), latent shape, text length and dtypes, never a timestep value;
     arguments it cannot copy into a static buffer make the call eager (no key)."""

@@ -165,6 +165,27 @@ def test_save_pretrained_of_an_accelerated_pipeline(pipe, tmp_path):
     _check(_run(loaded), before, "saved after accelerating, loaded unaccelerated")
 
 
+def test_accelerated_unet_forward_reads_nothing_back_to_the_host(pipe):
+    """What a CUDA graph of the accelerated UNet captures, with the guidance that follows: no op reads a value back
+    to the host (checked on the CPU with a dispatch mode). The scheduler step after it is not guarded here: on the
+    CPU fastdiff's step reads a CPU timestep with .item() (no device involved); on CUDA it locates an element of
+    .timesteps from its storage offset (the scheduler protocol's tests)."""
+    from accelerate_helpers import HostReadGuard
+
+    fastdiff.accelerate(pipe, backend="reference")
+    pipe.scheduler.set_timesteps(4)
+    latents = torch.randn(1, 4, 8, 8)
+    text = torch.randn(2, 12, 32)
+    t = pipe.scheduler.timesteps[1]
+    with torch.no_grad():
+        pipe.unet(torch.cat([latents] * 2), t, encoder_hidden_states=text)  # warm-up outside the guard
+        with HostReadGuard():
+            noise = pipe.unet(torch.cat([latents] * 2), t, encoder_hidden_states=text, return_dict=False)[0]
+            uncond, cond = noise.chunk(2)
+            guided = uncond + 5.0 * (cond - uncond)
+        pipe.scheduler.step(guided, t, latents, return_dict=False)
+
+
 def test_sdxl_shaped_unet_forward_matches_diffusers():
     """SDXL's UNet (linear projections, several transformer layers per block, text-time added conditioning) is
     built from the same blocks: every ResnetBlock2D, GroupNorm and Attention runs on fastdiff, same output."""
