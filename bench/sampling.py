@@ -487,7 +487,7 @@ def _run(args, argv, device, preset_name) -> int:
                     add_ratios(group)
                     write_reports(report, out, final=False)  # partial results survive an interrupted run
         del model, dmodel
-        ctx.update(model=None, dmodel=None, compiled={})
+        ctx.update(model=None, dmodel=None, compiled={}, pipelines=None)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if any(m in modes for m in pipelines.PIPELINE_MODES) and ctx["elapsed"]() <= args.time_budget:
