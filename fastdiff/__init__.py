@@ -6,18 +6,19 @@ register_source_kernels()
 
 __version__ = "0.1.0"
 
-from .sampling import Sampler, generate, image_seed  # noqa: E402
-from .schedulers import DDIMScheduler, DDPMScheduler  # noqa: E402
-from .unet import UNet, UNetConfig  # noqa: E402
-
-__all__ = ["UNet", "UNetConfig", "DDPMScheduler", "DDIMScheduler", "Sampler", "generate", "image_seed", "accelerate",
-           "__version__"]
-
 
 def __getattr__(name):
-    # fastdiff.accelerate lives in fastdiff.diffusers, which imports diffusers: loaded on first use only.
+    # fastdiff.accelerate (the diffusers integration, fastdiff/diffusers/) is loaded on first use only, so importing
+    # fastdiff never imports diffusers; for the same reason it is not in __all__ (a star import would load it).
     if name == "accelerate":
         from .diffusers import accelerate
 
         return accelerate
     raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
+
+
+from .sampling import Sampler, generate, image_seed  # noqa: E402
+from .schedulers import DDIMScheduler, DDPMScheduler  # noqa: E402
+from .unet import UNet, UNetConfig  # noqa: E402
+
+__all__ = ["UNet", "UNetConfig", "DDPMScheduler", "DDIMScheduler", "Sampler", "generate", "image_seed", "__version__"]
