@@ -88,6 +88,11 @@ def pipeline_mode(mode: str, ctx: dict, rec: dict):
     return fn, forward
 
 
+def build_pipeline(mode: str, ctx: dict, rec: dict, args, seeds):
+    """``pipeline_mode`` with the signature of the sampling benchmark's mode builders (mode -> (fn, forward))."""
+    return pipeline_mode(mode, ctx, rec)
+
+
 # ----------------------------------------------------------------------------------------- Stable Diffusion rows
 def _sd_models(name: str, device, dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
