@@ -4,8 +4,6 @@ from ._source_tree import register_source_kernels
 
 register_source_kernels()
 
-__version__ = "0.1.0"
-
 
 def __getattr__(name):
     # fastdiff.accelerate (the diffusers integration, fastdiff/diffusers/) is loaded on first use only, so importing
@@ -16,6 +14,8 @@ def __getattr__(name):
         return accelerate
     raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
 
+
+__version__ = "0.1.0"
 
 from .sampling import Sampler, generate, image_seed  # noqa: E402
 from .schedulers import DDIMScheduler, DDPMScheduler  # noqa: E402
