@@ -111,6 +111,36 @@ def test_triton_backend_runs_kernels_in_the_unet_and_the_vae(pipe, monkeypatch):
     assert launches["unet"] >= 2 * unet_resnets and launches["vae"] > 0, launches
 
 
+def test_vae_decode_through_the_split_group_norm_path(pipe, monkeypatch):
+    """The VAE decoder at 512x512 runs GroupNorms over groups too large for one program (the split path: statistics
+    pass, then apply). Forced here on a small decode: every group norm of the accelerated decode takes that path,
+    and the image equals diffusers' decode."""
+    from fastdiff.kernels import group_norm_kernels
+
+    device = kernel_device.DEVICE
+    pipe.to(device)
+    latents = torch.randn(1, 4, 4, 6, generator=torch.Generator().manual_seed(3)).to(device)
+    with torch.no_grad():
+        ref = pipe.vae.decode(latents).sample
+    fastdiff.accelerate(pipe, backend="triton", cuda_graphs=False)
+    monkeypatch.setenv("FASTDIFF_GN_MAX_SINGLE", "0")  # no group fits the single-program path
+    monkeypatch.setenv("FASTDIFF_GN_TILE", "64")
+    paths = []
+    planner = group_norm_kernels.plan_group_norm
+
+    def recording(*args, **kwargs):
+        plan = planner(*args, **kwargs)
+        paths.append(plan.path)
+        return plan
+
+    monkeypatch.setattr(group_norm_kernels, "plan_group_norm", recording)
+    with torch.no_grad():
+        out = pipe.vae.decode(latents).sample
+    groupnorms = sum(isinstance(m, torch.nn.GroupNorm) for m in pipe.vae.decoder.modules())
+    assert len(paths) == groupnorms and set(paths) == {"split"}, (len(paths), groupnorms, set(paths))
+    assert_close(out, ref, torch.float32, what="VAE decode, split GroupNorm path")
+
+
 def test_weights_changed_in_place_after_accelerating_are_seen(pipe):
     twin = copy.deepcopy(pipe)
     fastdiff.accelerate(pipe, backend="reference")
