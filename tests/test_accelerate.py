@@ -69,6 +69,7 @@ def test_pipeline_gives_the_same_images_accelerated(kind, config_index):
     _check_same(after, before, f"{kind} config {config_index} ({random_unet2d_config(config_index)})")
     again = _images(pipe, seed=11, batch_size=2).images  # repeatable
     _check_same(again, after, "second accelerated call")
+    assert pipe.unet.forward.captures == 0 and not pipe._fastdiff.loops, "no CUDA graph is made off CUDA"
 
 
 def test_call_options_keep_their_meaning():
