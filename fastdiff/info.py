@@ -61,6 +61,10 @@ def collect_info() -> dict:
         triton_status = "interpreter only (TRITON_INTERPRET=1, CPU)"
     else:
         triton_status = "installed; no CUDA GPU, so the auto backend uses the reference ops"
+    attention = {f"attention {k}": v for k, v in availability(device).items()}
+    xformers_version = _version("xformers")
+    if xformers_version.startswith("not available"):  # one reason, not "not available" here and "needs CUDA" there
+        attention["attention xformers"] = f"xformers {xformers_version}"
     return {
         "fastdiff": __version__,
         "python": platform.python_version(),
@@ -68,14 +72,14 @@ def collect_info() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": _version("triton"),
-        "xformers": _version("xformers"),
+        "xformers": xformers_version,
         "diffusers": _version("diffusers"),
         "cuda_available": cuda,
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else ["cpu"],
         "gpus": gpu_details(),
         "backends": {
             "triton kernels": triton_status,
-            **{f"attention {k}": v for k, v in availability(device).items()},
+            **attention,
         },
         "auto_choices": chosen_backends(),
         "fallbacks": {f"{op}: {why}": n for (op, why), n in fallback_counts().items()},

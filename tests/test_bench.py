@@ -9,6 +9,7 @@ import math
 import statistics
 import struct
 import sys
+import time
 
 import pytest
 import torch
@@ -219,6 +220,23 @@ def test_time_calls_rotates_inputs_and_reports_the_median():
     assert timing["repeats"] == 7 == len(timing["samples_s"]) and timing["input_sets"] == 3
     assert timing["median_s"] == statistics.median(timing["samples_s"])
     assert len(set(seen[-7:])) == 3, "timed calls must cycle through every input set"
+
+
+def test_timings_are_measured_known_durations():
+    """The timing path measures: callables that sleep a known time are reported at least that long (sleep never
+    returns early) and not far above it, in the ratio of their durations. A constant would fail one or the other."""
+    cpu = torch.device("cpu")
+
+    def nap(seconds):
+        time.sleep(seconds)
+
+    short = common.time_calls(nap, [(0.01,)], cpu, target_s=0.0, min_reps=5, max_reps=5, warmup_s=0.0)
+    long = common.time_calls(nap, [(0.04,)], cpu, target_s=0.0, min_reps=5, max_reps=5, warmup_s=0.0)
+    assert all(s >= 0.01 for s in short["samples_s"]) and all(s >= 0.04 for s in long["samples_s"])
+    # the medians: up to 25 ms late (a busy machine), which still keeps 10 ms and 40 ms apart
+    assert short["median_s"] < 0.035 and long["median_s"] < 0.065, (short["median_s"], long["median_s"])
+    seconds, out = common.time_run(lambda: nap(0.03) or "done", cpu)
+    assert out == "done" and 0.03 <= seconds < 0.3, seconds
 
 
 def test_bench_cli_errors(monkeypatch, tmp_path, capsys):
