@@ -186,13 +186,16 @@ def stable_diffusion_runs(device, dtype, quick: bool, args, monitor) -> dict:
                 rec["first_run_s"], _ = common.time_run(fn, device)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
+                    resident = torch.cuda.memory_allocated(device)  # weights (all modes' copies) and inputs
                 timing = common.time_calls(fn, [()], device, target_s=0.5 if not quick else 0.1, min_reps=3,
                                            max_reps=50)
                 rec.update(status="ok", median_s=timing["median_s"], repeats=timing["repeats"], timer=timing["timer"])
                 if device.type == "cuda":
                     rec["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+                    rec["working_memory_bytes"] = rec["peak_memory_bytes"] - resident  # the call's own peak
                 else:
-                    common.put(rec, "peak_memory_bytes", None, "not measured: CPU run (no allocator statistics)")
+                    for key in ("peak_memory_bytes", "working_memory_bytes"):
+                        common.put(rec, key, None, "not measured: CPU run (no allocator statistics)")
                 result = fn().float()
                 if mode == "diffusers":
                     reference[what] = result
@@ -225,11 +228,11 @@ def sd_markdown(sd: dict) -> list[str]:
         return lines + [sd["reason"]]
     rows = []
     for r in sd["runs"]:
-        mem = r.get("peak_memory_bytes")
+        mem = r.get("working_memory_bytes")
         ms = None if r.get("median_s") is None else r["median_s"] * 1e3
         rows.append([r["what"], r["mode"], common.fmt(ms, ".3g"),
                      common.fmt(r.get("speedup_vs_diffusers"), ".2f"),
                      common.fmt(None if mem is None else mem / 2**30, ".2f"),
                      common.fmt(r.get("rel_error_vs_diffusers"), ".1e"), r.get("reason", "")])
-    return lines + [common.markdown_table(["what", "mode", "ms", "vs diffusers", "peak GiB", "rel. err vs diffusers",
-                                           "note"], rows)]
+    headers = ["what", "mode", "ms", "vs diffusers", "working GiB (peak - resident)", "rel. err vs diffusers", "note"]
+    return lines + [common.markdown_table(headers, rows)]
