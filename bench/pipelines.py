@@ -129,8 +129,11 @@ def _sd_step_fn(parts, latents, text, guidance: float = 7.5):
     return step
 
 
-def stable_diffusion_runs(device, dtype, quick: bool, args, monitor) -> dict:
-    """Per-step time of an SD-shaped UNet and the VAE decode time and peak memory, three modes each."""
+def stable_diffusion_runs(device, dtype, quick: bool, args, monitor, elapsed=lambda: 0.0) -> dict:
+    """Per-step time of an SD-shaped UNet and the VAE decode time and peak memory, three modes each.
+
+    A mode starting after ``args.time_budget`` seconds (``elapsed()``) is recorded as skipped.
+    """
     from bench.sampling import diffusers_problem
 
     name = "sd15" if device.type == "cuda" and not quick else "tiny"
@@ -155,9 +158,13 @@ def stable_diffusion_runs(device, dtype, quick: bool, args, monitor) -> dict:
                        set_alpha_to_one=False, steps_offset=1)
     reference = {}
     for mode in SD_MODES:
+        why = None
         if mode == "compile" and (args.no_compile or (quick and device.type == "cpu")):
             why = ("skipped: --no-compile" if args.no_compile
                    else "skipped: --quick on the CPU (compiling takes minutes)")
+        elif elapsed() > args.time_budget:
+            why = f"skipped: the time budget of {args.time_budget:.0f} s is used up"
+        if why:
             out["runs"] += [{"what": w, "mode": mode, "status": "skipped", "reason": why} for w in ("step", "decode")]
             continue
         sched = DDIMScheduler(**sd_schedule)

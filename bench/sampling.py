@@ -491,7 +491,8 @@ def _run(args, argv, device, preset_name) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if any(m in modes for m in pipelines.PIPELINE_MODES) and ctx["elapsed"]() <= args.time_budget:
-        report["stable_diffusion"] = pipelines.stable_diffusion_runs(device, dtype, args.quick, args, monitor)
+        report["stable_diffusion"] = pipelines.stable_diffusion_runs(device, dtype, args.quick, args, monitor,
+                                                                     ctx["elapsed"])
     from fastdiff.attention import chosen_backends
     from fastdiff.ops import fallback_counts
 
