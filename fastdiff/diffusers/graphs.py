@@ -86,8 +86,9 @@ class GraphedForward:
     """A model's forward replayed from CUDA graphs keyed by the input signature; eager where it cannot be.
 
     Eager (diffusers' own forward) when: ``enabled`` is False, the sample is not a CUDA tensor, gradients are on,
-    the model is in training mode, or an argument is neither a tensor nor a plain scalar (callbacks, objects such
-    as ``cross_attention_kwargs={"scale": ...}`` scalars are fine: they become part of the key).
+    the model is in training mode, torch.compile is tracing, a CUDA graph is already being captured (the caller's
+    own), or an argument is neither a tensor nor a plain scalar (callbacks, objects; scalars such as
+    ``cross_attention_kwargs={"scale": ...}`` are fine: they become part of the key).
     """
 
     def __init__(self, model: torch.nn.Module, eager_forward, enabled: bool | None = None):
@@ -127,7 +128,8 @@ class GraphedForward:
         model = self.model
         if not isinstance(sample, torch.Tensor):
             return self.eager_forward(sample, timestep, *args, **kwargs)
-        if self.enabled is False or not sample.is_cuda or torch.is_grad_enabled() or model.training:
+        if (self.enabled is False or not sample.is_cuda or torch.is_grad_enabled() or model.training
+                or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
             return _match_sample(self.eager_forward(sample, timestep, *args, **kwargs), sample, False)
         if isinstance(timestep, numbers.Number) and not isinstance(timestep, bool):
             # diffusers turns a Python timestep into a one-element tensor; doing it here keeps one graph for all steps
