@@ -72,15 +72,18 @@ def write_clip_vocabulary(folder: str) -> tuple[str, str]:
     return vocab_path, merges_path
 
 
-def tiny_sd_components(folder: str, seed: int = 0, cross_attention_dim: int = 32, max_length: int = 12):
-    """UNet2DConditionModel + AutoencoderKL (2 levels of 32/64 channels, 8 groups), CLIP text model and tokenizer."""
+def tiny_sd_components(folder: str, seed: int = 0, cross_attention_dim: int = 32, max_length: int = 12,
+                       unet_in_channels: int = 4):
+    """UNet2DConditionModel + AutoencoderKL (2 levels of 32/64 channels, 8 groups), CLIP text model and tokenizer.
+
+    ``unet_in_channels``: 4 (text-to-image, img2img) or 9 (inpainting: latents, mask, masked-image latents)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        sample_size=8, in_channels=unet_in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         norm_num_groups=8, cross_attention_dim=cross_attention_dim, attention_head_dim=(2, 4),
     ).eval()

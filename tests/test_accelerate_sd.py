@@ -185,6 +185,22 @@ def test_img2img_pipeline_shares_the_accelerated_components(pipe):
     _check(after, before, "img2img")
 
 
+def test_inpainting_pipeline_gives_the_same_images(tmp_path):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    inpaint = StableDiffusionInpaintPipeline(**tiny_sd_components(str(tmp_path), seed=3, unet_in_channels=9),
+                                             requires_safety_checker=False)
+    gen = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 3, 16, 16, generator=gen)
+    mask = (torch.rand(1, 1, 16, 16, generator=gen) > 0.5).float()
+    call = dict(prompt="a cat", image=image, mask_image=mask, height=16, width=16, num_inference_steps=2,
+                guidance_scale=3.0, output_type="np")
+    before = inpaint(generator=torch.Generator().manual_seed(1), **call).images
+    fastdiff.accelerate(inpaint, backend="reference")
+    assert inpaint._fastdiff.reports[0].patched["ResnetBlock2D"] > 0
+    _check(inpaint(generator=torch.Generator().manual_seed(1), **call).images, before, "inpainting")
+
+
 def test_save_pretrained_of_an_accelerated_pipeline(pipe, tmp_path):
     before = _run(pipe)
     fastdiff.accelerate(pipe, backend="reference")
