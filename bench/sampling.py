@@ -6,7 +6,9 @@ Modes (one diffusers ``UNet2DModel`` with random weights per configuration; fast
 * ``triton``: the Triton ops, eager (CUDA only);
 * ``triton+graphs``: the Triton ops with the step captured in a CUDA graph (CUDA only);
 * ``diffusers``: diffusers' ``UNet2DModel`` stepped by diffusers' own DDIM/DDPM scheduler in a plain loop;
-* ``compile``: ``torch.compile(mode=...)`` (default ``max-autotune``) of fastdiff's reference model, eager loop.
+* ``compile``: ``torch.compile(mode=...)`` (default ``max-autotune``) of fastdiff's reference model, eager loop;
+* ``pipeline`` / ``pipeline+accelerate``: diffusers' DDIMPipeline / DDPMPipeline call, plain and after
+  ``fastdiff.accelerate`` (same call, same weights; ``bench/pipelines.py``), plus Stable-Diffusion-shaped rows.
 
 Per run: median seconds of a whole sampling call, images/s, per-step latency, FLOPs per image per step counted
 with ``torch.utils.flop_counter.FlopCounterMode`` (meta device, batch 1), achieved TFLOP/s and its fraction of a
@@ -25,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from bench import common
+from bench import common, pipelines
 
-MODES = ("reference", "triton", "triton+graphs", "diffusers", "compile")
+MODES = ("reference", "triton", "triton+graphs", "diffusers", "compile") + pipelines.PIPELINE_MODES
 CUDA_ONLY = ("triton", "triton+graphs")
 
 _BASE = {"act_fn": "silu", "attention_head_dim": None, "center_input_sample": False, "downsample_padding": 0,
@@ -207,7 +209,7 @@ def _mode_problem(mode, ctx, args) -> tuple[str, str] | None:
     device = ctx["device"]
     if mode in CUDA_ONLY and device.type != "cuda":
         return "not run", "not run: no CUDA (the Triton kernels and CUDA graphs need a GPU)"
-    if mode == "diffusers" and ctx["dmodel"] is None:
+    if mode in ("diffusers", *pipelines.PIPELINE_MODES) and ctx["dmodel"] is None:
         return "not run", ctx["dmodel_reason"]
     if mode == "compile":
         if args.no_compile:
@@ -233,6 +235,11 @@ def _build_diffusers(mode, ctx, rec, args, seeds):
         return ctx["dmodel"](x, t).sample
 
     return fn, forward
+
+
+def _build_pipeline(mode, ctx, rec, args, seeds):
+    """diffusers' own pipeline, plain or after ``fastdiff.accelerate`` (bench/pipelines.py)."""
+    return pipelines.pipeline_mode(mode, ctx, rec)
 
 
 def _build_fastdiff(mode, ctx, rec, args, seeds):
@@ -263,7 +270,8 @@ def _build_fastdiff(mode, ctx, rec, args, seeds):
 # forward of this mode, checked against the reference mode's). A new mode adds itself to MODES, here, and where
 # it cannot run to ``_mode_problem``; ``run_mode`` times it, counts its FLOPs and compares its forward.
 MODE_BUILDERS = {"reference": _build_fastdiff, "triton": _build_fastdiff, "triton+graphs": _build_fastdiff,
-                 "compile": _build_fastdiff, "diffusers": _build_diffusers}
+                 "compile": _build_fastdiff, "diffusers": _build_diffusers,
+                 **{mode: _build_pipeline for mode in pipelines.PIPELINE_MODES}}
 
 
 def run_mode(mode, ctx, rec, args) -> None:
@@ -275,7 +283,8 @@ def run_mode(mode, ctx, rec, args) -> None:
     if problem:
         return _skip(rec, *problem)
     seeds = image_seeds(0, range(batch), device=device)
-    rec["flops_per_image_step"] = ctx["flops"]["diffusers" if mode == "diffusers" else "fastdiff"]
+    rec["flops_per_image_step"] = ctx["flops"]["diffusers" if mode in ("diffusers", *pipelines.PIPELINE_MODES)
+                                                else "fastdiff"]
     try:
         fn, forward = MODE_BUILDERS[mode](mode, ctx, rec, args, seeds)
         time_mode(rec, fn, device, args.repeats, args.run_budget, ctx["monitor"])
@@ -370,6 +379,7 @@ def markdown(report: dict) -> str:
     reasons = sorted({r["reason"] for r in report["runs"] if r.get("reason")})
     if reasons:
         lines += ["", "Not measured:"] + [f"- {x}" for x in reasons]
+    lines += pipelines.sd_markdown(report.get("stable_diffusion"))
     return "\n".join(lines) + "\n"
 
 
@@ -382,7 +392,8 @@ def chart(report: dict, path: Path) -> None:
             groups.append(key)
     fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.5 * max(1, len(groups)), 4.2), squeeze=False,
                              layout="constrained")
-    colors = dict(zip(MODES, ("tab:gray", "tab:orange", "tab:red", "tab:blue", "tab:green")))
+    colors = dict(zip(MODES, ("tab:gray", "tab:orange", "tab:red", "tab:blue", "tab:green", "tab:cyan",
+                              "tab:purple")))
     for ax, (model, sched, steps) in zip(axes[0], groups):
         runs = [r for r in report["runs"] if (r["model"], r["scheduler"], r["steps"]) == (model, sched, steps)]
         batches = sorted({r["batch"] for r in runs})
@@ -534,9 +545,12 @@ def _run(args, argv, device, preset_name) -> int:
                     add_ratios(group)
                     write_reports(report, out, final=False)  # partial results survive an interrupted run
         del model, dmodel
-        ctx.update(model=None, dmodel=None, compiled={})
+        ctx.update(model=None, dmodel=None, compiled={}, pipelines=None)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if any(m in modes for m in pipelines.PIPELINE_MODES) and ctx["elapsed"]() <= args.time_budget:
+        report["stable_diffusion"] = pipelines.stable_diffusion_runs(device, dtype, args.quick, args, monitor,
+                                                                     ctx["elapsed"])
     from fastdiff.attention import chosen_backends
     from fastdiff.ops import fallback_counts
 

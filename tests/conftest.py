@@ -29,8 +29,8 @@ if not torch.cuda.is_available():
 torch.set_num_threads(1)
 
 # Import name -> package name of the optional test dependencies (pyproject.toml's [test] extra).
-TEST_DEPENDENCIES = {"diffusers": "diffusers", "sklearn": "scikit-learn", "scipy": "scipy",
-                     "hypothesis": "hypothesis", "matplotlib": "matplotlib"}
+TEST_DEPENDENCIES = {"diffusers": "diffusers", "transformers": "transformers", "sklearn": "scikit-learn",
+                     "scipy": "scipy", "hypothesis": "hypothesis", "matplotlib": "matplotlib"}
 
 
 def in_ci() -> bool:

@@ -159,17 +159,18 @@ def test_bench_sampling_cpu_quick(tmp_path):
         assert m["params"] == m["params_diffusers"] > 0
     runs = report["runs"]
     modes = {r["mode"] for r in runs}
-    assert modes == {"reference", "triton", "triton+graphs", "diffusers", "compile"}
+    assert modes == {"reference", "triton", "triton+graphs", "diffusers", "compile", "pipeline", "pipeline+accelerate"}
     groups = {}
     for r in runs:
         groups.setdefault((r["model"], r["scheduler"], r["steps"], r["batch"]), {})[r["mode"]] = r
     for (model, sched, steps, batch), by_mode in groups.items():
         assert by_mode["reference"]["status"] == "ok", by_mode["reference"].get("reason")
-        if no_diffusers:
-            assert by_mode["diffusers"]["median_s"] is None
-            assert by_mode["diffusers"]["reason"] == "not measured: diffusers missing"
-        else:
-            assert by_mode["diffusers"]["status"] == "ok", by_mode["diffusers"].get("reason")
+        for mode in ("diffusers", "pipeline", "pipeline+accelerate"):
+            if no_diffusers:
+                assert by_mode[mode]["median_s"] is None
+                assert by_mode[mode]["reason"] == "not measured: diffusers missing"
+            else:
+                assert by_mode[mode]["status"] == "ok", by_mode[mode].get("reason")
         for mode in ("triton", "triton+graphs"):
             assert by_mode[mode]["median_s"] is None and "CUDA" in by_mode[mode]["median_s_reason"]
         for mode, r in by_mode.items():
@@ -185,7 +186,8 @@ def test_bench_sampling_cpu_quick(tmp_path):
             assert len(r["samples_s"]) == r["repeats"] >= 1 and r["median_s"] == statistics.median(r["samples_s"])
             assert close(r["images_per_s"], batch / r["median_s"])
             assert close(r["step_latency_s"], r["median_s"] / steps)
-            flops = report["models"][model]["flops"]["diffusers" if mode == "diffusers" else "fastdiff"]
+            flops = report["models"][model]["flops"]["diffusers" if mode in ("diffusers", "pipeline",
+                                                                            "pipeline+accelerate") else "fastdiff"]
             assert r["flops_per_image_step"] == flops
             assert close(r["tflops"], flops * batch * steps / r["median_s"] / 1e12)
             assert close(r["fraction_of_matmul"], r["tflops"] / matmul["tflops"])
@@ -195,6 +197,19 @@ def test_bench_sampling_cpu_quick(tmp_path):
         assert by_mode["reference"]["forward_rel_error_vs_reference"] == 0.0
         if not no_diffusers:
             assert by_mode["diffusers"]["forward_rel_error_vs_reference"] < 1e-5
+            # the accelerated pipeline's UNet (patched in place onto fastdiff's ops) computes the same network
+            assert by_mode["pipeline+accelerate"]["forward_rel_error_vs_reference"] < 1e-5
+            assert "ResnetBlock2D on fastdiff" in by_mode["pipeline+accelerate"]["accelerate"]
+    if not no_diffusers:  # the Stable-Diffusion-shaped rows (tiny on the CPU) need diffusers and transformers
+        sd = report["stable_diffusion"]
+        assert sd["config"] == "tiny" and {(r["what"], r["mode"]) for r in sd["runs"]} == {
+            (w, m) for w in ("step", "decode") for m in ("diffusers", "diffusers+accelerate", "compile")}
+        for r in sd["runs"]:
+            if r["mode"] == "compile":
+                assert r["status"] == "skipped"
+                continue
+            assert r["status"] == "ok" and r["median_s"] > 0, r
+            assert r["rel_error_vs_diffusers"] < 1e-5, r  # the accelerated UNet step and VAE decode equal diffusers'
     headlines = gpu_check.sampling_headlines(tmp_path / "sampling.json")
     assert len(headlines) == len(groups)
 

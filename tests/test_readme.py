@@ -21,13 +21,20 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     for old in SMALLER:
         assert any(old in block for block in blocks), f"README no longer has the line {old!r}"
     monkeypatch.chdir(tmp_path)
+    namespaces = []
     for number, block in enumerate(blocks):
         code = block
         for old, new in SMALLER.items():
             code = code.replace(old, new)
         namespace = {"__name__": f"readme_block_{number}"}
         exec(compile(code, f"README.md python block {number}", "exec"), namespace)
+        namespaces.append(namespace)
+    # what "Use it from diffusers" promises: the pipeline accelerated in place, its images
+    accelerated = [ns for ns in namespaces if "digits" in ns]
+    assert len(accelerated) == 1, "README's diffusers example (fastdiff.accelerate) is missing"
+    assert accelerated[0]["digits"].shape == (4, 16, 16, 1) and hasattr(accelerated[0]["pipe"], "_fastdiff")
     # what the first block promises
+    namespace = namespaces[0]
     images, variations, x = namespace["images"], namespace["variations"], namespace["x"]
     assert images.shape[0] == 3 and variations.shape[0] == 2 and torch.isfinite(images).all()
     assert x.shape[1:] == images.shape[1:] and torch.isfinite(x).all()
