@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 
 from .sampling import Sampler, generate, image_seed  # noqa: E402
 from .schedulers import DDIMScheduler, DDPMScheduler  # noqa: E402
+from .schedulers import DPMSolverMultistepScheduler  # noqa: E402
 from .unet import UNet, UNetConfig  # noqa: E402
 
 __all__ = ["UNet", "UNetConfig", "DDPMScheduler", "DDIMScheduler", "Sampler", "generate", "image_seed", "__version__"]
+__all__ += ["DPMSolverMultistepScheduler"]

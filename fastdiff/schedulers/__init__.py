@@ -1,4 +1,4 @@
-"""DDPM and DDIM schedulers, diffusers-compatible, stepping through one fused update op.
+"""DDPM, DDIM and multistep DPM-Solver(++) schedulers, diffusers-compatible, stepping through one fused update op.
 
 ``set_timesteps`` computes every coefficient on the host in float64 and stores device buffers
 (``.timesteps``, ``.coeffs`` [steps, 9] in ``fastdiff.ops.STEP_COEFFS`` order, ``.noise_streams``);
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from .ddim import DDIMConfig, DDIMScheduler
 from .ddpm import DDPMConfig, DDPMScheduler
+from .dpm_solver import DPMSolverConfig, DPMSolverMultistepScheduler
 
 __all__ = ["DDPMScheduler", "DDIMScheduler", "DDPMConfig", "DDIMConfig", "SCHEDULERS", "make_scheduler",
-           "scheduler_from_diffusers_config"]
+           "scheduler_from_diffusers_config", "DPMSolverMultistepScheduler", "DPMSolverConfig"]
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+SCHEDULERS["dpmsolver++"] = DPMSolverMultistepScheduler
 _BY_DIFFUSERS_NAME = {cls.diffusers_class_name: cls for cls in SCHEDULERS.values()}
 
 
