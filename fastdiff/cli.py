@@ -74,8 +74,12 @@ def _add_sample(sub):
     p = sub.add_parser("sample", help="generate images (default: the embedded digits model)")
     p.add_argument("--model", default=None, help="fastdiff checkpoint or diffusers UNet2DModel directory "
                    "(default: the embedded digits model)")
-    p.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (ddim: 50, ddpm: all)")
+    p.add_argument("--scheduler", choices=("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"), default="ddim")
+    p.add_argument("--solver-order", type=int, choices=(1, 2, 3), default=None,
+                   help="DPM-Solver order (default 2)")
+    p.add_argument("--karras", action="store_true", help="DPM-Solver: Karras et al. (2022) sigma spacing")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="denoising steps (ddim: 50, dpmsolver++: 15, ddpm: all)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--num-images", type=_positive_int, default=64)
     p.add_argument("--batch-size", type=_positive_int, default=64)
@@ -103,6 +107,12 @@ def _run_sample(args) -> int:
         raise UsageError(f"--init-image: no such file: {args.init_image}")
     if args.scheduler == "ddpm" and args.eta:
         raise UsageError("--eta applies to --scheduler ddim only")
+    dpm = args.scheduler.endswith("dpmsolver++")
+    if dpm and args.eta:
+        raise UsageError("--eta applies to --scheduler ddim only (sde-dpmsolver++ is the stochastic DPM-Solver)")
+    if not dpm and (args.solver_order is not None or args.karras):
+        raise UsageError("--solver-order and --karras apply to --scheduler dpmsolver++ / sde-dpmsolver++ only")
+    scheduler_options = {"solver_order": args.solver_order or 2, "use_karras_sigmas": args.karras} if dpm else None
 
     from . import images
     from .devices import resolve_device
@@ -112,7 +122,8 @@ def _run_sample(args) -> int:
     device = resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     sampler, description = build_sampler(args.model, args.scheduler, device=device, dtype=dtype,
-                                         backend=args.backend, cuda_graphs=False if args.no_cuda_graphs else None)
+                                         backend=args.backend, cuda_graphs=False if args.no_cuda_graphs else None,
+                                         scheduler_options=scheduler_options)
     steps = args.steps or default_steps(args.scheduler, sampler)
     if steps > sampler.scheduler.num_train_timesteps:
         raise UsageError(f"--steps {steps} exceeds the model's {sampler.scheduler.num_train_timesteps} training timesteps")

@@ -636,3 +636,86 @@ def test_reference_threshold_and_slots():
     assert torch.equal(out[1], x0[1])
     assert dpm_reference.history_slots(4, 3, "cpu").tolist() == [1, 0, 2]
     assert dpm_reference.history_slots(torch.tensor(0), 2, "cpu").tolist() == [0, 1, 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The sampler (eager, what a CUDA graph captures), image-to-image, the CLI
+# ----------------------------------------------------------------------------------------------------
+
+
+def _tiny_model():
+    from fastdiff.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    config = UNetConfig.classic(n_channels=8, ch_mults=(1, 2), is_attn=(False, True), n_blocks=1, image_channels=1,
+                                image_size=8, norm_num_groups=4)
+    model = UNet(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("algorithm,order", [("dpmsolver++", 3), ("sde-dpmsolver++", 2)])
+def test_sampler_equals_a_diffusers_loop(algorithm, order):
+    """Sampler (device step counter, step_at, history ring) == diffusers' scheduler stepping the same model with
+    the same starting noise and, for the SDE variant, the same Philox noise handed in as variance_noise."""
+    from fastdiff.sampling import Sampler, image_seeds
+
+    model = _tiny_model()
+    ours = Ours(num_train_timesteps=100, algorithm_type=algorithm, solver_order=order)
+    sampler = Sampler(model, ours, backend="reference")
+    seeds = image_seeds(3, range(3))
+    out = sampler.sample(seeds, steps=6)
+    ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=100, algorithm_type=algorithm, solver_order=order)
+    ref.set_timesteps(6)
+    x = ops.gaussian_noise(seeds, ops.INITIAL_NOISE_STREAM, (1, 8, 8), backend="reference")
+    plan = sampler.plan(6)
+    with torch.no_grad():
+        for i, t in enumerate(ref.timesteps):
+            m = model(x, t)
+            z = gaussian_noise_reference(seeds, plan.scheduler.noise_streams[i].item(), x.shape[1:])
+            x = ref.step(m, t, x, variance_noise=z).prev_sample
+    assert_close(out, x, rtol=2e-5, what=f"{algorithm} sampler vs diffusers loop")
+
+
+def test_sampler_img2img_uses_begin_index():
+    from fastdiff.sampling import Sampler, image_seeds
+
+    model = _tiny_model()
+    sampler = Sampler(model, Ours(num_train_timesteps=100, solver_order=3), backend="reference")
+    seeds = image_seeds(1, range(2))
+    init = torch.rand(1, 1, 8, 8) * 2 - 1
+    out = sampler.sample(seeds, steps=8, init=init, strength=0.5)
+    plan = sampler.plan(8)
+    assert plan.scheduler.begin_index == 4
+    ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=100, solver_order=3)
+    ref.set_timesteps(8)
+    ref.set_begin_index(4)
+    noise = ops.gaussian_noise(seeds, ops.INITIAL_NOISE_STREAM, (1, 8, 8), backend="reference")
+    x = ref.add_noise(init.expand(2, 1, 8, 8), noise, ref.timesteps[4:5].expand(2))
+    with torch.no_grad():
+        for t in ref.timesteps[4:]:
+            x = ref.step(model(x, t), t, x).prev_sample
+    assert_close(out, x, rtol=2e-5, what="img2img")
+    again = sampler.sample(seeds, steps=8)  # a plain run afterwards starts its warm-up at step 0 again
+    assert plan.scheduler.begin_index == 0 and torch.isfinite(again).all()
+
+
+def test_cli_sample_dpm(tmp_path, capsys):
+    from fastdiff.cli import main
+
+    out = tmp_path / "dpm"
+    rc = main(["sample", "--scheduler", "dpmsolver++", "--steps", "4", "--solver-order", "3", "--karras",
+               "--num-images", "2", "--batch-size", "2", "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert rc == 0 and (out / "000000.png").is_file() and (out / "grid.png").is_file()
+    assert "dpmsolver++ 4 steps" in capsys.readouterr().err
+    for bad, message in ((["--scheduler", "ddim", "--karras"], "--solver-order and --karras"),
+                         (["--scheduler", "dpmsolver++", "--eta", "0.5"], "--eta applies"),
+                         (["--scheduler", "dpmsolver++", "--solver-order", "4"], "invalid choice")):
+        try:
+            rc = main(["sample", "--out", str(tmp_path / "x"), "--num-images", "1"] + bad)
+        except SystemExit as exc:  # argparse's own errors
+            rc = exc.code
+        assert rc == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
