@@ -86,6 +86,8 @@ def _add_sample(sub):
     p.add_argument("--seed", type=int, default=0, help="base seed; image i depends only on (seed, i)")
     p.add_argument("--out", default="samples", help="output folder (one PNG per image, plus grid.png)")
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
+    p.add_argument("--overwrite", action="store_true", help="replace the images of an earlier run with other "
+                   "settings in --out (a rerun with the same settings resumes without it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
@@ -138,7 +140,8 @@ def _run_sample(args) -> int:
           f"on {device} ({args.dtype}, backend {args.backend}) -> {args.out}", file=sys.stderr)
     result = generate(sampler, num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, steps=steps,
                       eta=args.eta, out_dir=args.out, init=init, strength=args.strength, grid=not args.no_grid,
-                      progress=not args.no_progress, image_shape=image_shape)
+                      progress=not args.no_progress, image_shape=image_shape, overwrite=args.overwrite,
+                      model=args.model or description)
     note = f" ({result.skipped} already there)" if result.skipped else ""
     print(f"wrote {len(result.written)} images to {args.out}{note}" + (f"; grid: {result.grid}" if result.grid else ""))
     return 0

@@ -65,7 +65,33 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> Ima
 
 
 def load_png_folder(out_dir: str, indices) -> np.ndarray:
-    return np.stack([_as_hwc(np.asarray(Image.open(image_path(out_dir, int(i))))) for i in indices])
+    """The numbered PNGs of ``indices`` as uint8 [N, H, W, C]; ValueError naming a file that cannot be read."""
+    pictures = []
+    for i in indices:
+        path = image_path(out_dir, int(i))
+        try:
+            with Image.open(path) as im:
+                pictures.append(_as_hwc(np.asarray(im)))
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    shapes = {p.shape for p in pictures}
+    if len(shapes) > 1:
+        raise ValueError(f"the images in {out_dir} differ in size or channels ({sorted(shapes)}); cannot make a grid")
+    return np.stack(pictures)
+
+
+def is_sample_png(path: str, shape) -> bool:
+    """Whether ``path`` is a whole PNG of ``shape`` (C, H, W) as ``save_images`` writes it (checks every chunk's CRC)."""
+    channels, height, width = shape
+    modes = {1: ("L",), 3: ("RGB",), 4: ("RGBA",)}.get(channels, ())
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG" or im.size != (width, height) or im.mode not in modes:
+                return False
+            im.verify()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
 
 
 def _as_hwc(a: np.ndarray) -> np.ndarray:

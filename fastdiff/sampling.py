@@ -210,35 +210,102 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+class NonFiniteOutputError(ValueError):
+    """A batch came out with NaN or infinite values (broken weights, or a float16 overflow)."""
+
+
+def check_init_image(init: torch.Tensor | None, image_shape) -> torch.Tensor | None:
+    """``init`` as [1 or N, C, H, W] matching ``image_shape`` (C, H, W); ValueError saying what differs."""
+    if init is None:
+        return None
+    if not isinstance(init, torch.Tensor):
+        raise ValueError(f"init must be a tensor [N, C, H, W], got {type(init).__name__}")
+    if init.dim() == 3:
+        init = init[None]
+    if init.dim() != 4 or tuple(init.shape[1:]) != tuple(image_shape):
+        c, h, w = image_shape
+        raise ValueError(f"init image has shape {tuple(init.shape)}; the model samples [N, {c}, {h}, {w}] "
+                         f"({c} channels of {h}x{w}): convert and resize it first (fastdiff.images.load_image)")
+    return init
+
+
 @dataclasses.dataclass
 class GenerateResult:
     written: list[str]  # PNGs written by this call
     skipped: int  # images already on disk (resumed)
     grid: str | None
+    manifest: str | None = None  # the run manifest (out_dir/run.json)
+    regenerated: list[str] = dataclasses.field(default_factory=list)  # unreadable images found and drawn again
+
+
+def _images_to_draw(out_dir: str, num_images: int, image_shape) -> tuple[list[int], list[str]]:
+    """(indices to draw, unreadable existing images to draw again); a folder in an image's place is an error."""
+    todo, broken = [], []
+    for i in range(num_images):
+        path = imageio.image_path(out_dir, i)
+        if not os.path.lexists(path):
+            todo.append(i)
+        elif os.path.isdir(path):
+            raise ValueError(f"{path} is a folder, not an image; move it out of the output folder")
+        elif not imageio.is_sample_png(path, image_shape):
+            log.warning("%s is not a readable %s PNG; drawing it again", path, "x".join(map(str, image_shape)))
+            todo.append(i)
+            broken.append(path)
+    return todo, broken
+
+
+def _check_finite(images: torch.Tensor, indices, batch_number: int, num_batches: int) -> None:
+    """One device-side reduction and one host read per batch (never per step)."""
+    finite = torch.isfinite(images).flatten(1).all(1)
+    if bool(finite.all()):
+        return
+    bad = [indices[k] for k in (~finite).nonzero().flatten().tolist()]
+    raise NonFiniteOutputError(
+        f"batch {batch_number + 1} of {num_batches} (images {indices[0]}..{indices[-1]}) has NaN or infinite values "
+        f"in {len(bad)} images, first image {bad[0]}; nothing was written for it (non-finite model weights, "
+        "or a float16 overflow: try float32)")
 
 
 def generate(sampler: Sampler, *, num_images: int, batch_size: int, seed: int, steps: int, out_dir: str,
              eta: float = 0.0, init: torch.Tensor | None = None, strength: float = 1.0, grid: bool = True,
-             progress: bool = True, image_shape=None) -> GenerateResult:
-    """Write ``num_images`` PNGs (``out_dir/000000.png`` ...) in batches; images already there are kept."""
+             progress: bool = True, image_shape=None, overwrite: bool = False,
+             model: str | None = None) -> GenerateResult:
+    """Write ``num_images`` PNGs (``out_dir/000000.png`` ...) in batches, plus ``grid.png`` and ``run.json``.
+
+    Before sampling: ``out_dir`` is created and proven writable, and its run manifest (``fastdiff.manifest``)
+    is checked: a rerun with the same settings resumes (images already there, if readable, are kept), other
+    settings raise ``RunMismatchError`` unless ``overwrite`` (which removes the old images first). A batch
+    with NaN or infinite values raises ``NonFiniteOutputError`` and writes nothing. ``model`` (a path or a
+    description) is recorded in the manifest.
+    """
+    from .fileio import prepare_output_dir
+    from .manifest import RunManifest
+
     _check_positive_int("num_images", num_images)
     _check_positive_int("batch_size", batch_size)
-    os.makedirs(out_dir, exist_ok=True)
-    todo = [i for i in range(num_images) if not os.path.exists(imageio.image_path(out_dir, i))]
+    _check_positive_int("steps", steps)
+    image_shape = tuple(image_shape or sampler.image_shape)
+    init = check_init_image(init, image_shape)
+    first_step = sampler.plan(steps, eta).scheduler.img2img_start(strength) if init is not None else 0
+    prepare_output_dir(out_dir)
+    manifest = RunManifest.for_sampling(sampler, seed=seed, steps=steps, eta=eta, image_shape=image_shape, init=init,
+                                        strength=strength, num_images=num_images, model=model)
+    manifest.check_or_write(out_dir, overwrite)
+    todo, broken = _images_to_draw(out_dir, num_images, image_shape)
     skipped = num_images - len(todo)
     if skipped:
         log.info("resuming: %d of %d images already in %s", skipped, num_images, out_dir)
     batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
-    first_step = sampler.plan(steps, eta).scheduler.img2img_start(strength) if init is not None else 0
     steps_per_batch = max(steps - first_step, 0)
     written = []
     bar = tqdm(total=len(batches) * steps_per_batch, unit="step", disable=not progress,
                desc=f"{len(todo)} images")
     try:
-        for indices in batches:
+        for number, indices in enumerate(batches):
             seeds = image_seeds(seed, indices)
             out = sampler.sample(seeds, steps=steps, eta=eta, init=init, strength=strength, image_shape=image_shape,
                                  on_step=bar.update if progress else None)
+            _check_finite(out, indices, number, len(batches))
             written += imageio.save_images(out, out_dir, indices)
     finally:
         bar.close()
@@ -247,4 +314,5 @@ def generate(sampler: Sampler, *, num_images: int, batch_size: int, seed: int, s
         pictures = imageio.load_png_folder(out_dir, range(num_images))
         grid_path = os.path.join(out_dir, "grid.png")
         imageio.save_png_atomic(imageio.make_grid(pictures, ncols=math.ceil(math.sqrt(num_images))), grid_path)
-    return GenerateResult(written=written, skipped=skipped, grid=grid_path)
+    return GenerateResult(written=written, skipped=skipped, grid=grid_path,
+                          manifest=os.path.join(out_dir, "run.json"), regenerated=broken)

@@ -71,7 +71,8 @@ def test_captured_step_run_eagerly_equals_the_plain_loop(name):
     x = x_init.clone()
     with torch.no_grad():
         for t in scheduler.timesteps:
-            x = scheduler.step(model(x, t), t, x, seeds=seeds if scheduler.needs_noise else None)
+            x = scheduler.step(model(x, t), t, x, **({"eta": eta} if eta else {}),
+                               seeds=seeds if scheduler.needs_noise else None).prev_sample
     assert_close(state.x, x, torch.float32, what="static-buffer step vs plain loop")
     assert_close(sampler.sample(seeds, steps=5, eta=eta), x, torch.float32, what="Sampler.sample vs plain loop")
 
@@ -129,10 +130,11 @@ def test_generate_writes_pngs_atomically_and_resumes(tmp_path):
     out = str(tmp_path / "run")
     first = generate(sampler, num_images=5, batch_size=2, seed=0, steps=3, out_dir=out, progress=False)
     names = sorted(os.listdir(out))
-    assert names == [f"{i:06d}.png" for i in range(5)] + ["grid.png"]
+    assert names == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "run.json"]
     assert len(first.written) == 5 and first.skipped == 0
     os.remove(os.path.join(out, "000003.png"))
-    before = {n: open(os.path.join(out, n), "rb").read() for n in names if n not in ("grid.png", "000003.png")}
+    before = {n: open(os.path.join(out, n), "rb").read() for n in names
+              if n not in ("grid.png", "000003.png", "run.json")}
     second = generate(sampler, num_images=5, batch_size=4, seed=0, steps=3, out_dir=out, progress=False)
     assert second.skipped == 4 and [os.path.basename(p) for p in second.written] == ["000003.png"]
     for n, data in before.items():

@@ -89,8 +89,10 @@ def float32_rounding_bound(ours, i, x, m, noise, ref64) -> float:
 
 def check_chain(ours, n, seed, eta=0.0, use_clipped_model_output=False, shape=SHAPE, max_steps=None):
     """Set n steps on ours and diffusers (float32 and float64) and compare every step's output."""
+    step_kwargs = {}
     if isinstance(ours, DDIMScheduler):
         ours.set_timesteps(n, eta=eta, use_clipped_model_output=use_clipped_model_output)
+        step_kwargs = {"eta": eta, "use_clipped_model_output": use_clipped_model_output}  # the table's row
     else:
         ours.set_timesteps(n)
     d32, d64 = diffusers_twin(ours, False), diffusers_twin(ours, True)
@@ -103,7 +105,7 @@ def check_chain(ours, n, seed, eta=0.0, use_clipped_model_output=False, shape=SH
     for i, t in enumerate(ours.timesteps.tolist()[:max_steps]):
         m = dummy_model(x, t, T)
         noise = torch.randn(shape, generator=gen)
-        out = ours.step(m, t, x, noise=noise)
+        out = ours.step(m, t, x, **step_kwargs, noise=noise).prev_sample
         ref64 = diffusers_step(d64, m.double(), t, x.double(), noise.double(), eta, use_clipped_model_output)
         ref32 = diffusers_step(d32, m, t, x, noise, eta, use_clipped_model_output)
         assert out.dtype == x.dtype and out.shape == x.shape
@@ -312,7 +314,7 @@ def test_zero_snr_matches_diffusers(cls, spacing):
 
 @pytest.mark.parametrize("eta", [0.3, 1.0])
 def test_ddim_step_eta_override(eta):
-    """step(eta=...) recomputes the row on the host and equals diffusers at that eta."""
+    """step(eta=...) other than set_timesteps' recomputes the row on the host and equals diffusers at that eta."""
     ours = DDIMScheduler(prediction_type="v_prediction")
     ours.set_timesteps(5, eta=0.0)
     d64 = diffusers_twin(ours, True)
@@ -322,9 +324,10 @@ def test_ddim_step_eta_override(eta):
     for t in ours.timesteps.tolist():
         m = dummy_model(x, t)
         ref = diffusers_step(d64, m.double(), t, x.double(), noise.double(), eta=eta)
-        assert_close(ours.step(m, t, x, noise=noise, eta=eta), ref, rtol=EXACT_RTOL, what=f"eta override, t={t}")
+        assert_close(ours.step(m, t, x, noise=noise, eta=eta).prev_sample, ref, rtol=EXACT_RTOL,
+                     what=f"eta override, t={t}")
         det = diffusers_step(d64, m.double(), t, x.double(), None, eta=0.0)
-        assert_close(ours.step(m, t, x, noise=noise), det, rtol=EXACT_RTOL, what=f"table eta 0, t={t}")
+        assert_close(ours.step(m, t, x, noise=noise).prev_sample, det, rtol=EXACT_RTOL, what=f"table eta 0, t={t}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -338,7 +341,7 @@ def test_step_low_precision(cls, dtype):
     x = torch.randn(SHAPE, generator=gen).to(dtype)
     for t in ours.timesteps.tolist():
         m, noise = dummy_model(x.float(), t).to(dtype), torch.randn(SHAPE, generator=gen).to(dtype)
-        out = ours.step(m, t, x, noise=noise)
+        out = ours.step(m, t, x, **({"eta": 0.5} if cls is DDIMScheduler else {}), noise=noise).prev_sample
         ref = diffusers_step(d64, m.double(), t, x.double(), noise.double(), eta=0.5)
         assert out.dtype == dtype
         assert_close(out, ref, dtype, what=f"{dtype} step t={t}")
@@ -360,7 +363,7 @@ def test_ddim_golden_linear_model():
     for t in ours.timesteps.tolist():
         a, a_prev = ours.alphas_cumprod[t].item(), (ours.alphas_cumprod[t - 100].item() if t >= 100 else 1.0)
         k = math.sqrt(a_prev) * (1 - math.sqrt(1 - a) * c) / math.sqrt(a) + math.sqrt(1 - a_prev) * c
-        x = ours.step(c * x, t, x)
+        x = ours.step(c * x, t, x).prev_sample
         expected = k * expected
     assert_close(x, expected, rtol=EXACT_RTOL, what="golden DDIM chain")
 
@@ -394,7 +397,8 @@ def test_golden_chains(name):
     s, x, noise = golden_chain(cls, config, n, eta)
     x = x.float()
     for t in s.timesteps.tolist():
-        x = s.step(dummy_model(x, t), t, x, noise=noise.float())
+        x = s.step(dummy_model(x, t), t, x, **({"eta": eta} if cls is DDIMScheduler else {}),
+                   noise=noise.float()).prev_sample
     assert x.double().sum().item() == pytest.approx(total, rel=1e-5)
     assert x[1, 2, 3, 4].item() == pytest.approx(element, rel=1e-5)
 
@@ -411,12 +415,13 @@ def test_step_at_equals_step(cls):
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(SHAPE, generator=gen)
     seeds = torch.tensor([11, 2**40 + 3], dtype=torch.int64)
+    eta = {"eta": 0.8} if cls is DDIMScheduler else {}
     for i, t in enumerate(s.timesteps.tolist()):
         m, noise = dummy_model(x, t), torch.randn(SHAPE, generator=gen)
         index = torch.tensor(i, dtype=torch.int64)
-        assert torch.equal(s.step_at(m, index, x, noise=noise), s.step(m, t, x, noise=noise))
-        assert torch.equal(s.step_at(m, i, x, seeds=seeds), s.step(m, s.timesteps[i], x, seeds=seeds))
-        x = s.step(m, t, x, noise=noise)
+        assert torch.equal(s.step_at(m, index, x, noise=noise), s.step(m, t, x, **eta, noise=noise).prev_sample)
+        assert torch.equal(s.step_at(m, i, x, seeds=seeds), s.step(m, s.timesteps[i], x, **eta, seeds=seeds)[0])
+        x = s.step(m, t, x, **eta, noise=noise).prev_sample
 
 
 @pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
@@ -429,10 +434,11 @@ def test_step_at_reads_nothing_from_the_device(cls):
     seeds = torch.zeros(SHAPE[0], dtype=torch.int64, device="meta")
     out = s.step_at(x, index, x, seeds=seeds)
     assert out.device.type == "meta" and out.shape == x.shape
-    out = s.step(x, s.timesteps[2], x, seeds=seeds)  # an element of .timesteps maps to its row from metadata
-    assert out.device.type == "meta"
+    eta = {"eta": 1.0} if cls is DDIMScheduler else {}
+    out = s.step(x, s.timesteps[2], x, **eta, seeds=seeds)  # an element of .timesteps maps to its row from metadata
+    assert out.prev_sample.device.type == "meta" and out.pred_original_sample.device.type == "meta"
     with pytest.raises(ValueError, match="not an element of .timesteps"):
-        s.step(x, torch.tensor(500, device="meta"), x, seeds=seeds)
+        s.step(x, torch.tensor(500, device="meta"), x, **eta, seeds=seeds)
 
 
 @pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
@@ -444,12 +450,13 @@ def test_seeded_noise_independent_of_batch(cls):
     seeds = torch.tensor([3, 1, 4, 1 << 50, 9], dtype=torch.int64)
     i, t = 1, s.timesteps[1].item()
     m = dummy_model(x, t)
-    full = s.step(m, t, x, seeds=seeds)
+    eta = {"eta": 1.0} if cls is DDIMScheduler else {}
+    full = s.step(m, t, x, **eta, seeds=seeds).prev_sample
     for lo, hi in ((0, 1), (1, 4), (3, 5)):
-        part = s.step(m[lo:hi], t, x[lo:hi], seeds=seeds[lo:hi])
+        part = s.step(m[lo:hi], t, x[lo:hi], **eta, seeds=seeds[lo:hi]).prev_sample
         assert torch.equal(part, full[lo:hi]), (lo, hi)
     # the seeded noise is the Philox stream of this step, scaled by the row's noise std
-    deterministic = s.step(m, t, x, noise=torch.zeros_like(x))
+    deterministic = s.step(m, t, x, **eta, noise=torch.zeros_like(x)).prev_sample
     z = gaussian_noise_reference(seeds, ops.step_stream(t), x.shape[1:])
     std = s.coeffs[i, ops.STEP_COEFFS.index("noise_std")]
     assert std > 0 and s.noise_streams[i].item() == ops.step_stream(t)
@@ -462,12 +469,12 @@ def test_noise_drawn_only_when_needed():
     x = torch.randn(SHAPE)
     m = dummy_model(x, 500)
     t0 = ddpm.timesteps[0].item()
-    assert not torch.equal(ddpm.step(m, t0, x), ddpm.step(m, t0, x))  # torch.randn_like noise
-    assert torch.equal(ddpm.step(m, 0, x), ddpm.step(m, 0, x))  # t = 0: no noise
+    assert not torch.equal(ddpm.step(m, t0, x)[0], ddpm.step(m, t0, x)[0])  # torch's global generator
+    assert torch.equal(ddpm.step(m, 0, x)[0], ddpm.step(m, 0, x)[0])  # t = 0: no noise
     ddim = DDIMScheduler()
     ddim.set_timesteps(3)
-    assert not ddim.needs_noise and torch.equal(ddim.step(m, t0, x), ddim.step(m, t0, x))
-    assert torch.equal(ddim.step_at(m, 0, x), ddim.step(m, t0, x))
+    assert not ddim.needs_noise and torch.equal(ddim.step(m, t0, x)[0], ddim.step(m, t0, x)[0])
+    assert torch.equal(ddim.step_at(m, 0, x), ddim.step(m, t0, x)[0])
     ddim.set_timesteps(3, eta=1.0)
     assert ddim.needs_noise
     with pytest.raises(ValueError, match="pass noise= or seeds="):
@@ -494,9 +501,9 @@ def test_timestep_forms():
     s.set_timesteps(4)
     x = torch.randn(SHAPE)
     m = dummy_model(x, 500)
-    ref = s.step(m, 500, x)
+    ref = s.step(m, 500, x).prev_sample
     for t in (np.int64(500), torch.tensor(500), torch.tensor([500]), s.timesteps[1]):
-        assert torch.equal(s.step(m, t, x), ref), t
+        assert torch.equal(s.step(m, t, x).prev_sample, ref), t
     for t in s.timesteps:  # iterating the buffer yields views of its elements
         s.step(m, t, x)
 
@@ -533,10 +540,14 @@ def test_diffusers_config_round_trip(cls):
     ours = cls(**config)
     ref = getattr(diffusers, cls.__name__).from_config(ours.to_diffusers_config())
     again = cls.from_diffusers_config(dict(ref.config))
-    assert again.config == ours.config
+    assert public(again.config) == ours.config  # private keys of diffusers' config ride along, as in diffusers
     via_factory = scheduler_from_diffusers_config({"_class_name": cls.__name__, **dict(ref.config)})
-    assert type(via_factory) is cls and via_factory.config == ours.config
+    assert type(via_factory) is cls and public(via_factory.config) == ours.config
     assert type(make_scheduler(cls.__name__[:4].lower(), **config)) is cls
+
+
+def public(config) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def test_from_diffusers_config_ignores_unused_keys():
@@ -547,7 +558,7 @@ def test_from_diffusers_config_ignores_unused_keys():
     ddpm = scheduler_from_diffusers_config(cfg)
     assert isinstance(ddpm, DDPMScheduler) and ddpm.config.variance_type == "fixed_large"
     trained = DDPMScheduler(num_train_timesteps=4, trained_betas=[0.1, 0.2, 0.3, 0.4])
-    assert DDPMScheduler.from_diffusers_config(trained.to_diffusers_config()).config == trained.config
+    assert public(DDPMScheduler.from_diffusers_config(trained.to_diffusers_config()).config) == trained.config
     assert trained.alphas_cumprod[-1].item() == pytest.approx(0.9 * 0.8 * 0.7 * 0.6, rel=1e-7)
 
 
@@ -585,8 +596,9 @@ def test_bad_factory_names():
 def test_bad_steps_and_timesteps(cls):
     s = cls()
     x = torch.randn(SHAPE)
-    with pytest.raises(ValueError, match="call set_timesteps"):
-        s.step(x, 0, x)
+    if cls is DDIMScheduler:  # as diffusers: DDIM needs set_timesteps, DDPM steps every training timestep without
+        with pytest.raises(ValueError, match="call set_timesteps"):
+            s.step(x, 0, x)
     with pytest.raises(ValueError, match="call set_timesteps"):
         s.img2img_start(0.5)
     for n in (0, -3, 2.5, True, "10", None):
@@ -597,12 +609,18 @@ def test_bad_steps_and_timesteps(cls):
     with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
         s.set_timesteps(10, eta=-0.5)
     s.set_timesteps(10)
-    with pytest.raises(ValueError, match="timestep 901 is not in this schedule"):
-        s.step(x, 901, x)
+    if cls is DDPMScheduler:
+        with pytest.raises(ValueError, match="timestep 901 is not in this schedule"):
+            s.step(x, 901, x)
+    else:  # diffusers' DDIM steps any timestep t to t - T // n
+        with pytest.raises(ValueError, match="timestep 1000 is outside"):
+            s.step(x, 1000, x)
     with pytest.raises(ValueError, match="timestep must be an integer"):
         s.step(x, 900.0, x)
     with pytest.raises(ValueError, match="shape"):
         s.step(x[:1], 900, x)
+    with pytest.raises(TypeError, match="model_output must be a torch.Tensor"):
+        s.step(x.numpy(), 900, x)
     with pytest.raises(ValueError, match="steps_offset=5 is too large"):
         cls(num_train_timesteps=10, steps_offset=5).set_timesteps(2)
     with pytest.raises(ValueError, match="add_noise: timesteps must lie in"):
@@ -617,7 +635,7 @@ def test_scheduler_specific_errors():
     ddpm = DDPMScheduler()
     ddpm.set_timesteps(10)
     x = torch.randn(SHAPE)
-    with pytest.raises(ValueError, match="DDPMScheduler.step has no eta"):
+    with pytest.raises(TypeError, match="eta"):  # as diffusers' DDPMScheduler.step
         ddpm.step(x, 900, x, eta=1.0)
     ddim = DDIMScheduler()
     ddim.set_timesteps(5, eta=0.5)
@@ -673,7 +691,7 @@ def test_step_at_in_cuda_graph(cls, backend):
     m_cpu = dummy_model(x_cpu, 500)
     x, m = x_cpu.to(dev), m_cpu.to(dev)
     seeds = torch.tensor([3, 4], dtype=torch.int64, device=dev)
-    eager = [s.step(m, t, x, seeds=seeds) for t in s.timesteps]
+    eager = [s.step(m, t, x, **eta, seeds=seeds).prev_sample for t in s.timesteps]
     index = torch.zeros((), dtype=torch.int64, device=dev)
     out = torch.full_like(x, float("nan"))  # poisoned
     side = torch.cuda.Stream()
@@ -692,5 +710,5 @@ def test_step_at_in_cuda_graph(cls, backend):
             out.fill_(float("nan"))
             graph.replay()
             assert_close(out, eager[i], rtol=1e-6, what=f"replay step {i} vs eager")
-            ref = cpu.step(m_cpu, t, x_cpu, seeds=seeds.cpu())
+            ref = cpu.step(m_cpu, t, x_cpu, **eta, seeds=seeds.cpu()).prev_sample
             assert_close(out, ref, what=f"replay step {i} vs CPU reference")

@@ -2,7 +2,10 @@
 
 ``set_timesteps`` computes every coefficient on the host in float64 and stores device buffers
 (``.timesteps``, ``.coeffs`` [steps, 9] in ``fastdiff.ops.STEP_COEFFS`` order, ``.noise_streams``);
-``step`` takes a timestep like diffusers, ``step_at`` a step index (an int or a device tensor, no host sync).
+``step`` is diffusers' (a timestep, ``torch.Generator`` noise, a ``SchedulerOutput``), ``step_at`` fastdiff's
+capturable one (a step index, an int or a device tensor, and per-image Philox noise; no host sync).
+The classes follow diffusers' scheduler protocol (``Cls(**kwargs)``, ``from_config``, ``.config``, ``len()``,
+``order``, ``scale_model_input``, ``add_noise``, ``save_pretrained`` / ``from_pretrained``), see protocol.py.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 from .ddim import DDIMConfig, DDIMScheduler
 from .ddpm import DDPMConfig, DDPMScheduler
 from .dpm_solver import DPMSolverConfig, DPMSolverMultistepScheduler
+from .protocol import SchedulerConfig, SchedulerOutput
 
-__all__ = ["DDPMScheduler", "DDIMScheduler", "DDPMConfig", "DDIMConfig", "SCHEDULERS", "make_scheduler",
-           "scheduler_from_diffusers_config", "DPMSolverMultistepScheduler", "DPMSolverConfig"]
+__all__ = ["DDPMScheduler", "DDIMScheduler", "DDPMConfig", "DDIMConfig", "SchedulerConfig", "SchedulerOutput",
+           "SCHEDULERS", "make_scheduler", "scheduler_from_diffusers_config"]
+__all__ += ["DPMSolverMultistepScheduler", "DPMSolverConfig"]
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 SCHEDULERS["dpmsolver++"] = DPMSolverMultistepScheduler

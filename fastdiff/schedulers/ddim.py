@@ -7,56 +7,68 @@ t' = t - T // n for every spacing (diffusers issue #12633). The coefficients are
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
 import torch
 
+from .protocol import SchedulerOutput
 from .schedule import SchedulerBase, check_eta, x0_and_eps_coeffs
 
 
 @dataclasses.dataclass
 class DDIMConfig:
+    """diffusers' DDIMScheduler arguments, in its order, with its defaults."""
+
     num_train_timesteps: int = 1000  # T, length of the training diffusion chain
     beta_start: float = 1e-4  # beta_1 of the linear / scaled_linear schedules
     beta_end: float = 0.02  # beta_T of the linear / scaled_linear schedules
     beta_schedule: str = "linear"  # "linear", "scaled_linear" or "squaredcos_cap_v2" (cosine)
-    trained_betas: tuple | None = None  # explicit betas (length T), overriding the schedule
+    trained_betas: list | None = None  # explicit betas (length T), overriding the schedule
     clip_sample: bool = True  # clamp the predicted x0 to [-clip_sample_range, clip_sample_range]
-    clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True  # alpha-bar after the last step: 1 (True) or alphas_cumprod[0] (False)
     steps_offset: int = 0  # added to "leading" timesteps
     prediction_type: str = "epsilon"  # what the model predicts: "epsilon", "sample" (x0) or "v_prediction"
+    thresholding: bool = False  # dynamic thresholding (Saharia et al., 2022): not supported, must stay False
+    dynamic_thresholding_ratio: float = 0.995  # kept for diffusers (used only with thresholding)
+    clip_sample_range: float = 1.0
+    sample_max_value: float = 1.0  # kept for diffusers (used only with thresholding)
     timestep_spacing: str = "leading"  # "leading", "trailing" or "linspace" (Lin et al., 2024, Table 2)
     rescale_betas_zero_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al., 2024, Alg. 1)
 
 
 class DDIMScheduler(SchedulerBase):
-    """DDIM: x_{t'} = sqrt(a_{t'}) x0 + sqrt(1 - a_{t'} - sigma_t^2) eps + sigma_t z, sigma_t scaled by eta."""
+    """DDIM: x_{t'} = sqrt(a_{t'}) x0 + sqrt(1 - a_{t'} - sigma_t^2) eps + sigma_t z, sigma_t scaled by eta.
+
+    Built like diffusers' DDIMScheduler (same arguments, ``from_config``); ``backend`` ("reference",
+    "triton", "auto") is fastdiff's.
+    """
 
     config_class = DDIMConfig
     diffusers_class_name = "DDIMScheduler"
 
-    def __init__(self, num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                 trained_betas=None, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True, steps_offset=0,
-                 prediction_type="epsilon", timestep_spacing="leading", backend=None, rescale_betas_zero_snr=False):
-        config = DDIMConfig(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, clip_sample,
-                            clip_sample_range, set_alpha_to_one, steps_offset, prediction_type, timestep_spacing,
-                            rescale_betas_zero_snr)
-        self._setup(config, backend)
+    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                 trained_betas=None, clip_sample=True, set_alpha_to_one=True, steps_offset=0,
+                 prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
+                 clip_sample_range=1.0, sample_max_value=1.0, timestep_spacing="leading",
+                 rescale_betas_zero_snr=False, *, backend=None, **private_kwargs):
+        self._setup(locals())
         # alpha-bar after the final step (the step whose t' < 0)
-        self.final_alpha_cumprod = 1.0 if config.set_alpha_to_one else self._ac[0]
+        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else self._ac[0]
         self.eta = 0.0
         self.use_clipped_model_output = False
 
-    def set_timesteps(self, num_inference_steps: int, device=None, eta: float = 0.0,
-                      use_clipped_model_output: bool = False) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, *,
+                      eta: float = 0.0, use_clipped_model_output: bool = False) -> None:
         """Timesteps, coefficient table ``.coeffs`` and ``.noise_streams`` for ``num_inference_steps`` steps.
 
-        ``eta`` scales the noise (0: deterministic DDIM, 1: DDPM-like); ``use_clipped_model_output``
-        re-derives eps from the clipped x0 (diffusers' step argument of the same name).
+        ``timesteps`` (custom timesteps) is refused: diffusers' DDIM has none, its step goes t -> t - T // n.
+        ``eta`` and ``use_clipped_model_output`` are the settings the table (and so ``step_at``) is built for;
+        ``step`` takes them per call, as diffusers' step does, and uses the table when they agree.
         """
-        self._set_grid(num_inference_steps, device, eta=check_eta(eta),
+        grid, n, _ = self._grid_from_arguments(num_inference_steps, timesteps, custom_allowed=False)
+        self._set_grid(grid, device, num_inference_steps=n, eta=check_eta(eta),
                        use_clipped_model_output=bool(use_clipped_model_output))
 
     def previous_timestep(self, i: int) -> int:
@@ -94,15 +106,19 @@ class DDIMScheduler(SchedulerBase):
         return [x0_from_x, x0_from_m, eps_from_x, eps_from_m, eps_from_x0, prev_from_x0, prev_from_eps, 0.0,
                 noise_std]
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, noise: torch.Tensor | None = None,
-             seeds: torch.Tensor | None = None, eta: float | None = None,
-             use_clipped_model_output: bool | None = None) -> torch.Tensor:
-        """One DDIM step x_t -> x_{t'} (t' = t - T // n); returns prev_sample.
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator=None, variance_noise: torch.Tensor | None = None,
+             return_dict: bool = True, *, noise: torch.Tensor | None = None,
+             seeds: torch.Tensor | None = None) -> SchedulerOutput | tuple:
+        """One DDIM step x_t -> x_{t'} (t' = t - T // n), as diffusers' DDIMScheduler.step.
 
-        ``timestep``: an int or an element of ``.timesteps``. ``eta`` / ``use_clipped_model_output``
-        override ``set_timesteps``' values for this call (the row is then computed on the host). Noise z:
-        ``noise`` as given, else Philox noise from ``seeds`` (int64 [N]), else ``torch.randn_like``;
-        none when sigma_t = 0.
+        Returns ``SchedulerOutput(prev_sample, pred_original_sample)``, or that pair as a tuple when
+        ``return_dict=False``. ``timestep``: an int (any training timestep, as in diffusers) or an element of
+        ``.timesteps``. ``eta`` scales the noise (0: deterministic); ``use_clipped_model_output`` re-derives eps
+        from the clipped x0; a row for other settings than ``set_timesteps``' is computed on the host. Noise z
+        (drawn when eta > 0, as diffusers draws it): ``variance_noise`` (or fastdiff's keyword-only ``noise``) as
+        given, else ``generator`` (diffusers' ``randn_tensor``; torch's global generator when None), or
+        fastdiff's keyword-only ``seeds`` (int64 [N], per-image Philox noise).
         """
         # Notation (code name -> Song et al., 2021; their alpha_t is alpha-bar_t of Ho et al.):
         #   sample -> x_t;  model_output -> eps_theta(x_t, t) (or x0, or v);  alphas_cumprod[t] -> alpha_t
@@ -114,9 +130,26 @@ class DDIMScheduler(SchedulerBase):
         #      (with use_clipped_model_output: eps = (x_t - sqrt(alpha_t) x0) / sqrt(1 - alpha_t))
         #   3. sigma_t = eta sqrt((1 - alpha_{t'}) / (1 - alpha_t)) sqrt(1 - alpha_t / alpha_{t'})         (eq. 16)
         #   4. x_{t'} = sqrt(alpha_{t'}) x0 + sqrt(1 - alpha_{t'} - sigma_t^2) eps + sigma_t z             (eq. 12)
-        i = self.index_of(timestep)
+        self._check_ready()
+        eta = check_eta(eta)
+        clipped = bool(use_clipped_model_output)
+        if variance_noise is not None and noise is not None:
+            raise ValueError("DDIMScheduler.step: pass variance_noise or noise, not both")
+        noise = variance_noise if variance_noise is not None else noise
+        i, t = self._locate(timestep)
         row = None
-        if (eta is not None and check_eta(eta) != self.eta) or (
-                use_clipped_model_output is not None and bool(use_clipped_model_output) != self.use_clipped_model_output):
-            row = self._coeff_row(i, eta, use_clipped_model_output)
-        return self._update(model_output, sample, i, row=row, noise=noise, seeds=seeds)
+        if i is None:  # not on the grid: diffusers steps any timestep to t - T // n
+            T = self.config.num_train_timesteps
+            if not 0 <= t < T:
+                raise ValueError(f"timestep {t} is outside [0, {T - 1}]")
+            row = self._off_grid_row(t, eta, clipped)
+        elif eta != self.eta or clipped != self.use_clipped_model_output:
+            row = self._coeff_row(i, eta, clipped)
+        return self._step(model_output, sample, i, t, row, eta > 0, generator=generator, noise=noise, seeds=seeds,
+                          return_dict=return_dict)
+
+    def _off_grid_row(self, t: int, eta: float, use_clipped_model_output: bool) -> list[float]:
+        """The coefficient row of a timestep that is not in ``.timesteps`` (same n, so the same t' = t - T // n)."""
+        probe = copy.copy(self)
+        probe._timesteps = [t]
+        return probe._coeff_row(0, eta, use_clipped_model_output)

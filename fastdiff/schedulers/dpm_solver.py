@@ -24,13 +24,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from fastdiff import ops
 
+from fastdiff.randn import randn_tensor
+
+from .protocol import ConfigProtocol, SchedulerConfig, SchedulerOutput
 from .schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, img2img_start, make_betas,
                        rescale_zero_terminal_snr)
 
@@ -44,11 +46,13 @@ KARRAS_RHO = 7.0  # Karras et al. (2022), eq. 5
 
 @dataclasses.dataclass
 class DPMSolverConfig:
+    """diffusers' DPMSolverMultistepScheduler arguments, in its order, with its defaults."""
+
     num_train_timesteps: int = 1000  # T, length of the training diffusion chain
     beta_start: float = 1e-4  # beta_1 of the linear / scaled_linear schedules
     beta_end: float = 0.02  # beta_T of the linear / scaled_linear schedules
     beta_schedule: str = "linear"  # "linear", "scaled_linear" or "squaredcos_cap_v2" (cosine)
-    trained_betas: tuple | None = None  # explicit betas (length T), overriding the schedule
+    trained_betas: list | None = None  # explicit betas (length T), overriding the schedule
     solver_order: int = 2  # 1, 2 or 3: how many model outputs the multistep update combines
     prediction_type: str = "epsilon"  # what the model predicts: "epsilon", "sample" (x0) or "v_prediction"
     thresholding: bool = False  # dynamic thresholding of x0 (Saharia et al., 2022); reference path only
@@ -62,19 +66,16 @@ class DPMSolverConfig:
     use_exponential_sigmas: bool = False  # sigmas equally spaced in log sigma
     use_beta_sigmas: bool = False  # sigmas at Beta(0.6, 0.6) quantiles (Lee et al., 2024)
     use_lu_lambdas: bool = False  # steps equally spaced in log sigma (Lu et al., 2022a)
+    use_flow_sigmas: bool = False  # flow matching: not supported, must stay False
+    flow_shift: float = 1.0  # kept for diffusers (flow matching only)
     final_sigmas_type: str = "zero"  # sigma after the last step: "zero" or "sigma_min" (sigma at t = 0)
     lambda_min_clipped: float = -math.inf  # drop timesteps whose lambda = log(alpha / sigma) is below this
     variance_type: str | None = None  # "learned" / "learned_range": the model also predicts a variance (ignored)
     timestep_spacing: str = "linspace"  # "linspace", "leading" or "trailing" (Lin et al., 2024, Table 2)
     steps_offset: int = 0  # added to "leading" timesteps
     rescale_betas_zero_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al., 2024, Alg. 1)
-
-
-@dataclasses.dataclass
-class DPMSolverOutput:
-    """What ``step`` returns with ``return_dict=True`` (diffusers' SchedulerOutput fields)."""
-
-    prev_sample: torch.Tensor
+    use_dynamic_shifting: bool = False  # flow matching: not supported, must stay False
+    time_shift_type: str = "exponential"  # kept for diffusers (flow matching only)
 
 
 def _is_int(v) -> bool:
@@ -86,6 +87,8 @@ def _check_config(c: DPMSolverConfig) -> None:
         if getattr(c, name) not in options:
             raise ValueError(f"{name} {getattr(c, name)!r} is not supported; choose one of {options}")
 
+    if c.use_flow_sigmas or c.use_dynamic_shifting:
+        raise ValueError("flow-matching sigmas (use_flow_sigmas, use_dynamic_shifting) are not supported")
     if not _is_int(c.num_train_timesteps) or c.num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps must be an integer >= 2, got {c.num_train_timesteps!r}")
     choice("beta_schedule", BETA_SCHEDULES)
@@ -151,37 +154,36 @@ def dpm_timesteps(n: int, T: int, spacing: str, steps_offset: int, last_timestep
 # ----------------------------------------------------------------------------------------------------
 
 
-class DPMSolverMultistepScheduler:
-    """Multistep DPM-Solver(++): x_{t_i} from x_{t_{i-1}} and the last ``solver_order`` model outputs."""
+class DPMSolverMultistepScheduler(ConfigProtocol):
+    """Multistep DPM-Solver(++): x_{t_i} from x_{t_{i-1}} and the last ``solver_order`` model outputs.
+
+    Built like diffusers' DPMSolverMultistepScheduler (same arguments, ``from_config``, ``save_pretrained``);
+    ``backend`` ("reference", "triton", "auto") is fastdiff's.
+    """
 
     config_class = DPMSolverConfig
     diffusers_class_name = "DPMSolverMultistepScheduler"
     order = 1  # model evaluations per step (diffusers' attribute of the same name)
 
-    def __init__(self, num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                  trained_betas=None, solver_order=2, prediction_type="epsilon", thresholding=False,
                  dynamic_thresholding_ratio=0.995, sample_max_value=1.0, algorithm_type="dpmsolver++",
                  solver_type="midpoint", lower_order_final=True, euler_at_final=False, use_karras_sigmas=False,
                  use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False,
-                 flow_shift=1.0, final_sigmas_type="zero", lambda_min_clipped=-math.inf, variance_type=None,
+                 flow_shift=1.0, final_sigmas_type="zero", lambda_min_clipped=-float("inf"), variance_type=None,
                  timestep_spacing="linspace", steps_offset=0, rescale_betas_zero_snr=False,
-                 use_dynamic_shifting=False, time_shift_type="exponential", backend=None):
-        if use_flow_sigmas or use_dynamic_shifting:
-            raise ValueError("DPMSolverMultistepScheduler: flow-matching sigmas (use_flow_sigmas, "
-                             "use_dynamic_shifting) are not supported")
-        if algorithm_type == "deis":  # diffusers maps these to its defaults too
-            algorithm_type = "dpmsolver++"
+                 use_dynamic_shifting=False, time_shift_type="exponential", *, backend=None, **private_kwargs):
+        arguments = dict(locals())
+        self._reject_public_kwargs(type(self).__name__, private_kwargs)
+        if algorithm_type == "deis":  # diffusers registers its default instead, as here
+            arguments["algorithm_type"] = "dpmsolver++"
         if solver_type in ("logrho", "bh1", "bh2"):
-            solver_type = "midpoint"
-        config = DPMSolverConfig(
-            num_train_timesteps, beta_start, beta_end, beta_schedule,
-            tuple(float(b) for b in trained_betas) if trained_betas is not None else None, solver_order,
-            prediction_type, bool(thresholding), dynamic_thresholding_ratio, sample_max_value, algorithm_type,
-            solver_type, bool(lower_order_final), bool(euler_at_final), bool(use_karras_sigmas),
-            bool(use_exponential_sigmas), bool(use_beta_sigmas), bool(use_lu_lambdas), final_sigmas_type,
-            float(lambda_min_clipped), variance_type, timestep_spacing, steps_offset, bool(rescale_betas_zero_snr))
+            arguments["solver_type"] = "midpoint"
+        config = DPMSolverConfig(**{f.name: arguments[f.name] for f in dataclasses.fields(DPMSolverConfig)})
+        if config.trained_betas is not None:
+            config.trained_betas = [float(b) for b in config.trained_betas]
         _check_config(config)
-        self.config = config
+        self.config = SchedulerConfig(dataclasses.asdict(config))
         self.backend = ops.check_backend(backend) if backend is not None else None
         self.init_noise_sigma = 1.0
         raw_betas = make_betas(config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule,
@@ -216,30 +218,17 @@ class DPMSolverMultistepScheduler:
         return self.config.num_train_timesteps
 
     @classmethod
-    def from_config(cls, config, backend=None, **overrides):
-        """Build from a config (a dict, diffusers' FrozenDict or a DPMSolverConfig); unknown keys are ignored."""
-        if dataclasses.is_dataclass(config):
-            config = dataclasses.asdict(config)
-        if not isinstance(config, Mapping):
-            raise TypeError(f"config must be a mapping or a DPMSolverConfig, got {type(config).__name__}")
-        names = {f.name for f in dataclasses.fields(cls.config_class)} | {"use_flow_sigmas", "use_dynamic_shifting"}
-        kwargs = {k: v for k, v in {**config, **overrides}.items() if k in names}
-        return cls(**kwargs, backend=backend)
-
-    @classmethod
     def from_diffusers_config(cls, config: dict, backend=None):
+        """``from_config(config, backend=backend)``: build from a diffusers scheduler config dict."""
         return cls.from_config(config, backend=backend)
 
     def to_diffusers_config(self) -> dict:
         """This configuration as a diffusers scheduler config dict (``_class_name`` included)."""
-        d = dataclasses.asdict(self.config)
-        if d["trained_betas"] is not None:
-            d["trained_betas"] = list(d["trained_betas"])
-        return {"_class_name": self.diffusers_class_name, **d}
+        return {**self.config, "_class_name": self.diffusers_class_name}
 
     def __repr__(self) -> str:
         steps = f", {self.num_inference_steps} steps" if self.num_inference_steps else ""
-        return f"{type(self).__name__}({self.config}{steps})"
+        return f"{type(self).__name__}({dict(self.config)}{steps})"
 
     # ------------------------------------------------------------------ set_timesteps
 
@@ -615,16 +604,31 @@ class DPMSolverMultistepScheduler:
         if i >= self.num_inference_steps:
             raise ValueError(f"step {i} is past the last of {self.num_inference_steps} steps; call set_timesteps again")
         noise = variance_noise if variance_noise is not None else noise
+        given = [k for k, v in (("generator", generator), ("noise", noise), ("seeds", seeds)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"{type(self).__name__}.step: pass only one of generator, variance_noise/noise and "
+                             f"seeds (got {' and '.join(given)})")
         if self.needs_noise and noise is None and seeds is None:
-            noise = _randn_tensor(sample.shape, generator, sample.device)
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                 dtype=torch.float32)
         if self.coeffs.device != sample.device:
             raise ValueError(f"the scheduler's tables are on {self.coeffs.device}, the sample on {sample.device}; "
                              "pass device= to set_timesteps")
         prev = self.step_at(model_output, i, sample, noise=noise, seeds=seeds)
         self._step_index = i + 1
         if not return_dict:
-            return (prev,)
-        return DPMSolverOutput(prev_sample=prev)
+            return (prev,)  # diffusers' DPMSolverMultistepScheduler returns the sample alone
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=self._x0_of_step(i, sample))
+
+    def _x0_of_step(self, i: int, sample: torch.Tensor) -> torch.Tensor:
+        """The (thresholded) x0 prediction of step i, from the history entry it just wrote."""
+        hist = self.history_for(sample)
+        d = hist[i % hist.shape[0]]
+        if self.config.algorithm_type.endswith("++"):
+            return d.clone()
+        sigma = self._sigmas[i]
+        alpha_s = 1.0 / math.sqrt(sigma * sigma + 1.0)
+        return ((sample.float() - sigma * alpha_s * d.float()) / alpha_s).to(sample.dtype)
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample
@@ -692,16 +696,4 @@ def _float32_train_sigmas(raw_betas: torch.Tensor, rescale_zero_snr: bool) -> to
     return ((1 - ac) / ac) ** 0.5
 
 
-def _randn_tensor(shape, generator, device) -> torch.Tensor:
-    """float32 standard normal noise drawn as diffusers' ``randn_tensor`` draws it (one generator, a list of one
-    per sample, or none; a CPU generator for a CUDA sample draws on the CPU)."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        rand_device = generator[0].device
-        parts = [torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=torch.float32) for g in generator]
-        return torch.cat(parts).to(device)
-    rand_device = generator.device if generator is not None else device
-    if rand_device.type != device.type and rand_device.type == "cpu":
-        pass  # diffusers draws on the CPU and moves the noise
-    return torch.randn(shape, generator=generator, device=rand_device, dtype=torch.float32).to(device)
+ConfigProtocol._registry.append(DPMSolverMultistepScheduler)  # its keys count as a sibling's in from_config

@@ -23,6 +23,9 @@ import numpy as np
 import torch
 
 from fastdiff import ops
+from fastdiff.randn import randn_tensor
+
+from .protocol import ConfigProtocol, SchedulerConfig, SchedulerOutput
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -139,27 +142,80 @@ def img2img_start(num_inference_steps: int, strength) -> int:
     return max(n - init_timestep, 0)
 
 
+
+def check_custom_timesteps(timesteps, num_train_timesteps: int) -> list[int]:
+    """A user's timestep list (as diffusers' DDPM ``set_timesteps(timesteps=...)``): integers, strictly descending,
+    within [0, num_train_timesteps)."""
+    if isinstance(timesteps, torch.Tensor):
+        if timesteps.is_floating_point() or timesteps.is_complex():
+            raise ValueError(f"custom timesteps must be integers, got a {timesteps.dtype} tensor")
+        timesteps = timesteps.tolist()
+    values = list(timesteps)
+    if not values:
+        raise ValueError("custom timesteps: the list is empty")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"custom timesteps must be integers, got {v!r}")
+    ts = [int(v) for v in values]
+    if any(later >= earlier for earlier, later in zip(ts, ts[1:])):
+        raise ValueError(f"custom timesteps must be in strictly descending order, got {ts}")
+    if ts[0] >= num_train_timesteps or ts[-1] < 0:
+        raise ValueError(f"custom timesteps must lie in [0, {num_train_timesteps - 1}] (num_train_timesteps="
+                         f"{num_train_timesteps}), got {ts[0]}..{ts[-1]}")
+    return ts
+
+
 # ----------------------------------------------------------------------------------------------------
 # Common scheduler machinery
 # ----------------------------------------------------------------------------------------------------
 
+_NOISE_STD = ops.STEP_COEFFS.index("noise_std")
+# Columns set so that the update op returns the predicted (clipped) x0 itself: prev = 1 * x0.
+_X0_ONLY = {"eps_from_x": 0.0, "eps_from_m": 0.0, "eps_from_x0": 0.0, "prev_from_x0": 1.0, "prev_from_eps": 0.0,
+            "prev_from_x": 0.0, "noise_std": 0.0}
 
-class SchedulerBase:
-    """What DDPM and DDIM share: schedule, timesteps, device buffers, step dispatch, add_noise.
 
-    Subclasses define ``config_class``, ``diffusers_class_name``, ``_coeff_row(i) -> list[float]`` (row ``i``
-    of the STEP_COEFFS table, float64) and may check their own config fields in ``_validate_extra``.
+def x0_table(coeffs: torch.Tensor) -> torch.Tensor:
+    """``coeffs`` with every row rewritten to output x0: the update op on it gives diffusers' pred_original_sample
+    through the same x0 arithmetic (and the same clipping) as the step itself."""
+    table = coeffs.clone()
+    for name, value in _X0_ONLY.items():
+        table[:, ops.STEP_COEFFS.index(name)] = value
+    return table
+
+
+class SchedulerBase(ConfigProtocol):
+    """What DDPM and DDIM share: schedule, timesteps, device buffers, diffusers' step protocol, add_noise.
+
+    Subclasses define ``config_class`` (a dataclass whose fields are diffusers' ``__init__`` arguments, in
+    diffusers' order), ``diffusers_class_name``, ``_coeff_row(i) -> list[float]`` (row ``i`` of the STEP_COEFFS
+    table, float64) and may check their own config fields in ``_validate_extra``.
+
+    Two ways to step: ``step`` is diffusers' (a timestep, noise from a ``torch.Generator``, returns
+    ``SchedulerOutput``); ``step_at`` is fastdiff's capturable one (a step index, possibly a device tensor, and
+    per-image Philox noise from ``seeds``), which the Sampler runs.
     """
 
     config_class: type
     diffusers_class_name: str
+    order = 1  # model evaluations per step (diffusers' attribute)
+    steps_without_set_timesteps = False  # True: before set_timesteps, step over every training timestep
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "diffusers_class_name" in cls.__dict__:
+            ConfigProtocol._registry.append(cls)
 
     @staticmethod
     def _validate_extra(config) -> None:
         pass
 
-    def _setup(self, config, backend) -> None:
-        c = config
+    def _setup(self, arguments: dict) -> None:
+        """Validate and store the constructor's ``arguments`` (its ``locals()``: diffusers' keyword arguments,
+        ``backend`` and the catch-all ``private_kwargs``)."""
+        name = type(self).__name__
+        self._reject_public_kwargs(name, arguments.get("private_kwargs") or {})
+        c = self.config_class(**{f.name: arguments[f.name] for f in dataclasses.fields(self.config_class)})
         if isinstance(c.num_train_timesteps, bool) or not isinstance(c.num_train_timesteps, numbers.Integral) \
                 or c.num_train_timesteps <= 0:
             raise ValueError(f"num_train_timesteps must be a positive integer, got {c.num_train_timesteps!r}")
@@ -171,11 +227,13 @@ class SchedulerBase:
             raise ValueError(f"steps_offset must be an integer >= 0, got {c.steps_offset!r}")
         if c.clip_sample and not (isinstance(c.clip_sample_range, numbers.Real) and c.clip_sample_range > 0):
             raise ValueError(f"clip_sample_range must be a number > 0, got {c.clip_sample_range!r}")
+        if c.thresholding:
+            raise ValueError(f"{name}: thresholding=True (dynamic thresholding) is not supported")
         self._validate_extra(c)
         if c.trained_betas is not None:
-            c.trained_betas = tuple(float(b) for b in c.trained_betas)
-        self.config = c
-        self.backend = ops.check_backend(backend) if backend is not None else None
+            c.trained_betas = [float(b) for b in c.trained_betas]
+        self.config = SchedulerConfig(dataclasses.asdict(c))
+        self.backend = ops.check_backend(arguments["backend"]) if arguments.get("backend") is not None else None
         self.init_noise_sigma = 1.0
         betas = make_betas(c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.trained_betas,
                            c.rescale_betas_zero_snr)
@@ -183,11 +241,17 @@ class SchedulerBase:
         self.alphas_cumprod = torch.cumprod(1.0 - betas, 0)  # float64 host: alpha-bar_t
         self._ac = self.alphas_cumprod.tolist()  # Python floats (float64) for the coefficient algebra
         self._place_tables("cpu")
+        # diffusers' state before set_timesteps: every training timestep, no inference steps chosen
         self.num_inference_steps = None
-        self.timesteps = None
+        self.custom_timesteps = False
+        self.timesteps = torch.arange(c.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        self._timesteps = None  # host copy of the grid the table was built for (None: no table yet)
 
     @property
     def num_train_timesteps(self) -> int:
+        return self.config.num_train_timesteps
+
+    def __len__(self) -> int:
         return self.config.num_train_timesteps
 
     @property
@@ -200,46 +264,116 @@ class SchedulerBase:
         self.sqrt_alphas_cumprod = ac.sqrt().to(device=device, dtype=torch.float32)
         self.sqrt_one_minus_alphas_cumprod = (1.0 - ac).sqrt().to(device=device, dtype=torch.float32)
 
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """The model input for ``timestep``: ``sample`` unchanged (DDPM and DDIM do not scale it)."""
+        return sample
+
     # ------------------------------------------------------------------ set_timesteps
 
-    def _set_grid(self, num_inference_steps, device, **settings) -> None:
-        """Timesteps, coefficient table and noise streams for ``num_inference_steps`` (rows from _coeff_row).
+    def _grid_from_arguments(self, num_inference_steps, timesteps, custom_allowed: bool):
+        """(timesteps, num_inference_steps, custom) for set_timesteps' arguments, diffusers' rules."""
+        name = type(self).__name__
+        T = self.config.num_train_timesteps
+        if timesteps is not None:
+            if not custom_allowed:
+                raise ValueError(f"{name}.set_timesteps: custom timesteps are not supported (this scheduler steps "
+                                 f"from t to t - num_train_timesteps // num_inference_steps); pass num_inference_steps")
+            if num_inference_steps is not None:
+                raise ValueError(f"{name}.set_timesteps: pass either num_inference_steps or timesteps, not both")
+            ts = check_custom_timesteps(timesteps, T)
+            return ts, len(ts), True
+        if num_inference_steps is None:
+            raise ValueError(f"{name}.set_timesteps: num_inference_steps must be a positive integer, got None"
+                             + (" (or pass timesteps=[...])" if custom_allowed else ""))
+        n = check_num_inference_steps(num_inference_steps, T)
+        return make_timesteps(n, T, self.config.timestep_spacing, self.config.steps_offset), n, False
+
+    def _set_grid(self, timesteps: list[int], device, *, num_inference_steps, custom=False, tolerant=False,
+                  timesteps_tensor=None, **settings) -> None:
+        """Coefficient table ``.coeffs`` (rows from _coeff_row) and ``.noise_streams`` for the grid ``timesteps``.
 
         ``settings`` (e.g. DDIM's eta) become attributes first; on any error the scheduler is left as it was.
+        ``tolerant``: a row that cannot be computed (zero terminal SNR with epsilon prediction) is stored as NaN
+        and its error raised only when that timestep is stepped (the implicit every-timestep grid of DDPM).
         """
-        c = self.config
-        n = check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
-        timesteps = make_timesteps(n, c.num_train_timesteps, c.timestep_spacing, c.steps_offset)
         saved = dict(self.__dict__)
         try:
             self.__dict__.update(settings)
-            self.num_inference_steps = n
+            self.num_inference_steps = num_inference_steps
+            self.custom_timesteps = custom
             self._timesteps = timesteps  # host copy: step() maps a timestep to its row without reading the device
             self._index = {t: i for i, t in enumerate(timesteps)}
-            self._rows = [self._coeff_row(i) for i in range(len(timesteps))]
+            rows, errors = [], {}
+            for i in range(len(timesteps)):
+                try:
+                    rows.append(self._coeff_row(i))
+                except ValueError as exc:
+                    if not tolerant:
+                        raise
+                    errors[i] = str(exc)
+                    rows.append(None)
+            width = len(next((r for r in rows if r is not None), ops.STEP_COEFFS))
+            self._rows = [r if r is not None else [math.nan] * width for r in rows]
+            self._row_errors = errors
         except Exception:
             self.__dict__.clear()
             self.__dict__.update(saved)
             raise
         device = torch.device("cpu") if device is None else torch.device(device)
-        self.timesteps = torch.tensor(timesteps, dtype=torch.int64, device=device)
-        self.coeffs = torch.tensor(self._rows, dtype=torch.float64).to(device=device, dtype=torch.float32)
-        self.noise_streams = torch.tensor([ops.step_stream(t) for t in timesteps], dtype=torch.int32, device=device)
-        self.needs_noise = any(row[-1] > 0 for row in self._rows)
+        if timesteps_tensor is None:
+            timesteps_tensor = torch.tensor(timesteps, dtype=torch.int64, device=device)
+        self.timesteps = timesteps_tensor
+        self._coeffs = torch.tensor(self._rows, dtype=torch.float64).to(device=device, dtype=torch.float32)
+        self._noise_streams = torch.tensor([ops.step_stream(t) for t in timesteps], dtype=torch.int32, device=device)
+        self._needs_noise = any(row[_NOISE_STD] > 0 for row in self._rows)  # NaN rows compare False
+        self._tables = {}  # per-device copies for step() (coeffs, noise streams, x0 table)
         self._place_tables(device)
 
     def _prev_alpha_prod(self, prev_t: int, final: float) -> float:
         return self._ac[prev_t] if prev_t >= 0 else final
 
-    # ------------------------------------------------------------------ step
+    # ------------------------------------------------------------------ the table
 
     def _check_ready(self) -> None:
-        if self.timesteps is None:
+        if self._timesteps is not None:
+            return
+        if not self.steps_without_set_timesteps:
             raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before stepping")
+        # DDPM before set_timesteps: every training timestep T-1..0, as diffusers' DDPMScheduler steps
+        self._set_grid(self.timesteps.tolist(), self.timesteps.device, num_inference_steps=None, tolerant=True,
+                       timesteps_tensor=self.timesteps)
 
-    def index_of(self, timestep) -> int:
-        """Row of ``timestep`` (int, or a 0-dim tensor: on the CPU, or an element of ``.timesteps``); no sync."""
+    @property
+    def coeffs(self) -> torch.Tensor:
+        """float32 [steps, len(STEP_COEFFS)]: row i holds the update coefficients of ``timesteps[i]``."""
         self._check_ready()
+        return self._coeffs
+
+    @property
+    def noise_streams(self) -> torch.Tensor:
+        """int32 [steps]: the Philox stream of each step's noise (``ops.step_stream(t)``)."""
+        self._check_ready()
+        return self._noise_streams
+
+    @property
+    def needs_noise(self) -> bool:
+        """Whether any step of the schedule adds noise (then step_at needs noise= or seeds=)."""
+        self._check_ready()
+        return self._needs_noise
+
+    def _tables_on(self, device: torch.device):
+        """(coeffs, noise_streams, x0 table) on ``device``; copies are made once per device."""
+        tables = self._tables.get(device)
+        if tables is None:
+            coeffs = self._coeffs.to(device)
+            tables = (coeffs, self._noise_streams.to(device), x0_table(coeffs))
+            self._tables[device] = tables
+        return tables
+
+    # ------------------------------------------------------------------ step
+
+    def _locate(self, timestep) -> tuple[int | None, int]:
+        """(row of ``timestep`` or None if it is not in the grid, the timestep as an int); never reads the device."""
         if isinstance(timestep, torch.Tensor):
             if timestep.numel() != 1 or timestep.is_floating_point() or timestep.is_complex():
                 raise ValueError(f"timestep must be an integer scalar, got a {timestep.dtype} tensor of shape "
@@ -249,14 +383,20 @@ class SchedulerBase:
                 if i is None:
                     raise ValueError(f"timestep is a {timestep.device} tensor that is not an element of .timesteps; "
                                      "pass an int (or use step_at with a step index) to avoid reading the device")
-                return i
+                return i, self._timesteps[i]
             timestep = timestep.item()
         if isinstance(timestep, bool) or not isinstance(timestep, numbers.Integral):
             raise ValueError(f"timestep must be an integer, got {timestep!r}")
-        i = self._index.get(int(timestep))
+        t = int(timestep)
+        return self._index.get(t), t
+
+    def index_of(self, timestep) -> int:
+        """Row of ``timestep`` (int, or a 0-dim tensor: on the CPU, or an element of ``.timesteps``); no sync."""
+        self._check_ready()
+        i, t = self._locate(timestep)
         if i is None:
             ts = self._timesteps
-            raise ValueError(f"timestep {int(timestep)} is not in this schedule ({len(ts)} steps, {ts[0]}..{ts[-1]})")
+            raise ValueError(f"timestep {t} is not in this schedule ({len(ts)} steps, {ts[0]}..{ts[-1]})")
         return i
 
     def _view_index(self, t: torch.Tensor) -> int | None:
@@ -267,20 +407,41 @@ class SchedulerBase:
         i, rem = divmod(t.storage_offset() - ts.storage_offset(), ts.stride(0))
         return i if rem == 0 and 0 <= i < ts.shape[0] else None
 
-    def _update(self, model_output, sample, i: int, row=None, noise=None, seeds=None) -> torch.Tensor:
-        """Run the fused update for row ``i`` (or a host-computed ``row`` replacing it) with host-side noise choice."""
-        coeffs, index, streams = self.coeffs, i, self.noise_streams
-        noise_std = self._rows[i][-1] if row is None else row[-1]
-        if row is not None:
-            coeffs = torch.tensor([row], dtype=torch.float64).to(device=sample.device, dtype=torch.float32)
-            index, streams = 0, self.noise_streams[i:i + 1]
-        if noise_std == 0.0:
-            seeds = None  # nothing to draw (noise, if given, is still passed so its shape is checked)
+    def _step(self, model_output, sample, i: int | None, t: int, row, draws_noise: bool, *, generator=None,
+              noise=None, seeds=None, return_dict=True):
+        """diffusers' step: prev_sample and pred_original_sample from table row ``i`` (or the host ``row`` for t).
+
+        Noise (only when ``draws_noise``, exactly when diffusers draws it): ``noise`` as given, else Philox noise
+        from ``seeds``, else ``randn_tensor`` from ``generator`` (torch's global generator when None).
+        """
+        name = type(self).__name__
+        for what, value in (("model_output", model_output), ("sample", sample)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name}.step: {what} must be a torch.Tensor, got {type(value).__name__}")
+        given = [k for k, v in (("generator", generator), ("noise", noise), ("seeds", seeds)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"{name}.step: pass only one of generator, variance_noise/noise and seeds "
+                             f"(got {' and '.join(given)})")
+        device = sample.device
+        if row is None:
+            if i in self._row_errors:
+                raise ValueError(f"{name}.step at timestep {t}: {self._row_errors[i]}")
+            coeffs, streams, x0_coeffs = self._tables_on(device)
+            index = i
+        else:
+            coeffs = torch.tensor([row], dtype=torch.float64).to(device=device, dtype=torch.float32)
+            streams = torch.tensor([ops.step_stream(t)], dtype=torch.int32, device=device)
+            x0_coeffs, index = x0_table(coeffs), 0
+        if not draws_noise:
+            noise = seeds = None
         elif noise is None and seeds is None:
-            noise = torch.randn_like(sample)
-        return ops.update_step(sample, model_output, coeffs, index, clip_range=self.clip_range, noise=noise,
-                               seeds=seeds, noise_streams=streams if seeds is not None else None,
-                               backend=self.backend)
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                 dtype=model_output.dtype)
+        clip = self.clip_range
+        prev = ops.update_step(sample, model_output, coeffs, index, clip_range=clip, noise=noise, seeds=seeds,
+                               noise_streams=streams if seeds is not None else None, backend=self.backend)
+        x0 = ops.update_step(sample, model_output, x0_coeffs, index, clip_range=clip, backend=self.backend)
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
 
     def step_at(self, model_output: torch.Tensor, step_index, sample: torch.Tensor, *, noise=None,
                 seeds=None) -> torch.Tensor:
@@ -291,65 +452,79 @@ class SchedulerBase:
         a schedule that adds noise (``.needs_noise``) requires one of them.
         """
         self._check_ready()
-        if noise is None and seeds is None and self.needs_noise:
-            raise ValueError(f"{type(self).__name__}.step_at: this schedule adds noise; pass noise= or seeds=")
-        return ops.update_step(sample, model_output, self.coeffs, step_index, clip_range=self.clip_range,
-                               noise=noise, seeds=seeds, noise_streams=self.noise_streams if seeds is not None else None,
-                               backend=self.backend)
+        name = type(self).__name__
+        if self._row_errors:
+            first = min(self._row_errors)
+            raise ValueError(f"{name}.step_at: timestep {self._timesteps[first]} of the every-timestep schedule "
+                             f"cannot be stepped ({self._row_errors[first]}); call set_timesteps")
+        if noise is None and seeds is None and self._needs_noise:
+            raise ValueError(f"{name}.step_at: this schedule adds noise; pass noise= or seeds=")
+        return ops.update_step(sample, model_output, self._coeffs, step_index, clip_range=self.clip_range,
+                               noise=noise, seeds=seeds,
+                               noise_streams=self._noise_streams if seeds is not None else None, backend=self.backend)
 
     # ------------------------------------------------------------------ forward process and img2img
+
+    def _alpha_terms(self, x: torch.Tensor, timesteps, what: str):
+        """(sqrt(alpha-bar_t), sqrt(1 - alpha-bar_t)) shaped to broadcast over ``x``, one timestep per sample."""
+        T = self.config.num_train_timesteps
+        if not isinstance(timesteps, torch.Tensor):
+            if isinstance(timesteps, bool) or not isinstance(timesteps, numbers.Integral):
+                raise ValueError(f"{what}: timesteps must be an int or an integer tensor, got {timesteps!r}")
+            timesteps = torch.tensor([int(timesteps)], dtype=torch.int64)
+        if timesteps.is_floating_point() or timesteps.is_complex():
+            raise ValueError(f"{what}: timesteps must be integers, got {timesteps.dtype}")
+        if timesteps.numel() not in (1, x.shape[0]):
+            raise ValueError(f"{what}: {timesteps.numel()} timesteps for {x.shape[0]} samples")
+        if timesteps.device.type == "cpu" and ((timesteps < 0) | (timesteps >= T)).any():
+            raise ValueError(f"{what}: timesteps must lie in [0, {T - 1}]")
+        t = timesteps.to(x.device).reshape(-1)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        if x.dtype == torch.float64:  # a float64 caller gets float64 coefficients
+            ac = self.alphas_cumprod.to(x.device)
+            return ac.sqrt()[t].reshape(shape), (1.0 - ac).sqrt()[t].reshape(shape)
+        if self.sqrt_alphas_cumprod.device != x.device:
+            self._place_tables(x.device)
+        return self.sqrt_alphas_cumprod[t].reshape(shape), self.sqrt_one_minus_alphas_cumprod[t].reshape(shape)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) noise (Ho et al., 2020, eq. 4), on the device.
 
         ``timesteps``: an int, or an integer tensor with one timestep per sample (or one for all).
-        Computed in float32 from float64 tables; returned in ``original_samples``' dtype.
+        Computed in float32 (float64 for float64 input) from float64 tables; returned in ``original_samples``' dtype.
         """
         x0 = original_samples
         if noise.shape != x0.shape:
             raise ValueError(f"add_noise: noise shape {tuple(noise.shape)} != sample shape {tuple(x0.shape)}")
-        T = self.config.num_train_timesteps
-        if not isinstance(timesteps, torch.Tensor):
-            if isinstance(timesteps, bool) or not isinstance(timesteps, numbers.Integral):
-                raise ValueError(f"add_noise: timesteps must be an int or an integer tensor, got {timesteps!r}")
-            timesteps = torch.tensor([int(timesteps)], dtype=torch.int64)
-        if timesteps.is_floating_point() or timesteps.is_complex():
-            raise ValueError(f"add_noise: timesteps must be integers, got {timesteps.dtype}")
-        if timesteps.numel() not in (1, x0.shape[0]):
-            raise ValueError(f"add_noise: {timesteps.numel()} timesteps for {x0.shape[0]} samples")
-        if timesteps.device.type == "cpu" and ((timesteps < 0) | (timesteps >= T)).any():
-            raise ValueError(f"add_noise: timesteps must lie in [0, {T - 1}]")
-        if self.sqrt_alphas_cumprod.device != x0.device:
-            self._place_tables(x0.device)
-        t = timesteps.to(x0.device).reshape(-1)
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        sqrt_a = self.sqrt_alphas_cumprod[t].reshape(shape)
-        sqrt_b = self.sqrt_one_minus_alphas_cumprod[t].reshape(shape)
-        return (sqrt_a * x0.float() + sqrt_b * noise.float()).to(x0.dtype)
+        sqrt_a, sqrt_b = self._alpha_terms(x0, timesteps, "add_noise")
+        wide = sqrt_a.dtype
+        return (sqrt_a * x0.to(wide) + sqrt_b * noise.to(wide)).to(x0.dtype)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """v = sqrt(alpha-bar_t) noise - sqrt(1 - alpha-bar_t) x_0 (Salimans & Ho, 2022), the v-prediction target."""
+        if noise.shape != sample.shape:
+            raise ValueError(f"get_velocity: noise shape {tuple(noise.shape)} != sample shape {tuple(sample.shape)}")
+        sqrt_a, sqrt_b = self._alpha_terms(sample, timesteps, "get_velocity")
+        wide = sqrt_a.dtype
+        return (sqrt_a * noise.to(wide) - sqrt_b * sample.to(wide)).to(sample.dtype)
 
     def img2img_start(self, strength) -> int:
         """Index into ``.timesteps`` where image-to-image denoising starts: n - min(int(n * strength), n)."""
-        self._check_ready()
+        if self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before img2img_start")
         return img2img_start(self.num_inference_steps, strength)
 
     # ------------------------------------------------------------------ configuration
 
     @classmethod
     def from_diffusers_config(cls, config: dict, backend=None):
-        """Build from a diffusers scheduler config dict; unused keys are ignored, unsupported values raise."""
-        if config.get("thresholding"):
-            raise ValueError(f"{cls.__name__}: thresholding=True (dynamic thresholding) is not supported")
-        names = {f.name for f in dataclasses.fields(cls.config_class)}
-        kwargs = {k: v for k, v in config.items() if k in names}
-        return cls(**kwargs, backend=backend)
+        """``from_config(config, backend=backend)``: build from a diffusers scheduler config dict."""
+        return cls.from_config(config, backend=backend)
 
     def to_diffusers_config(self) -> dict:
-        """This configuration as a diffusers scheduler config dict (``_class_name`` included)."""
-        d = dataclasses.asdict(self.config)
-        if d["trained_betas"] is not None:
-            d["trained_betas"] = list(d["trained_betas"])
-        return {"_class_name": self.diffusers_class_name, **d, "thresholding": False}
+        """This configuration as a plain diffusers scheduler config dict (``_class_name`` included)."""
+        return {**self.config, "_class_name": self.diffusers_class_name}
 
     def __repr__(self) -> str:
         steps = f", {self.num_inference_steps} steps" if self.num_inference_steps else ""
-        return f"{type(self).__name__}({self.config}{steps})"
+        return f"{type(self).__name__}({dict(self.config)}{steps})"
