@@ -741,3 +741,24 @@ def test_cli_sample_dpm(tmp_path, capsys):
             rc = exc.code
         assert rc == 2 and message in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
+
+
+def test_bench_dpm_step_quick(tmp_path):
+    """bench/dpm_step.py on the CPU: diffusers' own step agrees with fastdiff's reference on the timed inputs, the
+    fused kernel is reported as not run (no CUDA), never invented."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench import dpm_step
+
+    assert dpm_step.main(["--quick", "--device", "cpu", "--no-compile", "--target-time", "0.01",
+                          "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "dpm_step.json").read_text())
+    case = report["cases"][0]
+    assert case["bytes_per_element"] == 20 and case["floor_bytes"] == 5 * 4 * 8 * 3 * 32 * 32
+    impls = case["impls"]
+    assert impls["diffusers"]["status"] == "ok" and impls["diffusers"]["within_tolerance"]
+    assert impls["fastdiff"]["status"] == "not run" and "gbps" not in impls["fastdiff"]
+    assert "n/m" in (tmp_path / "dpm_step.md").read_text()
