@@ -762,3 +762,70 @@ def test_bench_dpm_step_quick(tmp_path):
     assert impls["diffusers"]["status"] == "ok" and impls["diffusers"]["within_tolerance"]
     assert impls["fastdiff"]["status"] == "not run" and "gbps" not in impls["fastdiff"]
     assert "n/m" in (tmp_path / "dpm_step.md").read_text()
+
+
+HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "item"}
+
+
+@pytest.mark.parametrize("config", [{"solver_order": 3}, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+                                    {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min",
+                                     "prediction_type": "v_prediction"}])
+def test_step_at_guard_no_host_read_ops(config):
+    """Every aten op of a run of step_at (device step index, Philox seeds), warm-up and final steps included, is
+    recorded: none reads a value back to the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    s = Ours(**config)
+    s.set_timesteps(6)
+    x = torch.randn(SHAPE)
+    seeds = torch.tensor([1, 2], dtype=torch.int64)
+    index = torch.zeros((), dtype=torch.int64)
+    with Record() as rec:
+        for _ in range(6):
+            x = s.step_at(dummy_nonlinear_model(x, 500), index, x, seeds=seeds)
+            index.add_(1)
+    assert rec.names and not (rec.names & HOST_READS), sorted(rec.names & HOST_READS)
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_step_at_in_cuda_graph(backend):
+    """Capture step_at (order 3, SDE, Philox) once; each replay equals the eager chain and the CPU reference."""
+    dev = torch.device("cuda")
+    config = {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}
+    s, cpu = Ours(**config, backend=backend), Ours(**config, backend="reference")
+    s.set_timesteps(6, device=dev)
+    cpu.set_timesteps(6)
+    x_cpu = torch.randn(SHAPE, generator=torch.Generator().manual_seed(13))
+    seeds = torch.tensor([3, 4], dtype=torch.int64, device=dev)
+    x = torch.empty(SHAPE, device=dev)
+    index = torch.zeros((), dtype=torch.int64, device=dev)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            x.copy_(x_cpu.to(dev))
+            x.copy_(s.step_at(dummy_nonlinear_model(x, 500), index, x, seeds=seeds))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.copy_(s.step_at(dummy_nonlinear_model(x, 500), index, x, seeds=seeds))
+        index.add_(1)
+    for _ in range(2):
+        index.zero_()
+        x.copy_(x_cpu.to(dev))
+        ref = x_cpu.clone()
+        for i in range(6):
+            graph.replay()
+            ref = cpu.step_at(dummy_nonlinear_model(ref, 500), i, ref, seeds=seeds.cpu())
+            assert_close(x, ref, rtol=2e-5, what=f"replay step {i} vs CPU reference")
