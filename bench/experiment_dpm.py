@@ -79,7 +79,8 @@ def write_report(out: Path, report: dict) -> None:
             "diffusers' defaults (no thresholding, final sigma zero, lower-order final steps below 15 steps).\n",
             f"Noise of these estimates, from 20 random sets of {spread['n']} real training digits against the "
             f"held-out ones: FD {spread['fd_mean']:.1f} +- {spread['fd_sd']:.1f}, KID {spread['kid_mean']:.3f} +- "
-            f"{spread['kid_sd']:.3f} (mean +- sd). 'Within 2 sd' compares a row with DDIM 50 against twice these sds.\n",
+            f"{spread['kid_sd']:.3f} (mean +- sd). 'Within 2 sd' compares a row with DDIM 50 against twice "
+            "these sds.\n",
             common.markdown_table(headers, table), "",
             common.provenance_markdown(report["provenance"]), ""]
     common.write_text_atomic(out / f"{NAME}.md", "\n".join(text))

@@ -18,7 +18,6 @@ import tempfile
 import types
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 
@@ -609,6 +608,8 @@ def test_registry_and_configs():
     ({"use_flow_sigmas": True}, "flow"),
     ({"prediction_type": "flow_prediction"}, "prediction_type"),
     ({"final_sigmas_type": "max"}, "final_sigmas_type"),
+    ({"thresholding": True, "sample_max_value": float("nan")}, "sample_max_value"),
+    ({"thresholding": True, "dynamic_thresholding_ratio": 1.5}, "dynamic_thresholding_ratio"),
 ])
 def test_bad_configs(config, message):
     with pytest.raises(ValueError, match=message):

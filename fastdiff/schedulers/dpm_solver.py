@@ -113,10 +113,10 @@ def _check_config(c: DPMSolverConfig) -> None:
         r = c.dynamic_thresholding_ratio
         if not isinstance(r, numbers.Real) or not 0.0 <= r <= 1.0:
             raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1], got {r!r}")
-        if not isinstance(c.sample_max_value, numbers.Real) or not c.sample_max_value >= 1.0:
-            # torch.clamp(min=1, max<1) gives max: allowed, as diffusers; only reject non-numbers and NaN
-            if not isinstance(c.sample_max_value, numbers.Real) or math.isnan(c.sample_max_value):
-                raise ValueError(f"sample_max_value must be a number, got {c.sample_max_value!r}")
+        # a sample_max_value below 1 is allowed, as in diffusers (the threshold is then sample_max_value)
+        if not isinstance(c.sample_max_value, numbers.Real) or math.isnan(c.sample_max_value) \
+                or c.sample_max_value <= 0:
+            raise ValueError(f"sample_max_value must be a number > 0, got {c.sample_max_value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -474,7 +474,8 @@ class DPMSolverMultistepScheduler(ConfigProtocol):
         One buffer per (shape, dtype, device, layout), kept for the scheduler's life, so graphs captured for
         different batch sizes never share or lose one.
         """
-        cl = sample.dim() == 4 and not sample.is_contiguous() and sample.is_contiguous(memory_format=torch.channels_last)
+        cl = sample.dim() == 4 and not sample.is_contiguous() \
+            and sample.is_contiguous(memory_format=torch.channels_last)
         key = (tuple(sample.shape), sample.dtype, sample.device, cl)
         buf = self._histories.get(key)
         if buf is None:
@@ -552,10 +553,11 @@ class DPMSolverMultistepScheduler(ConfigProtocol):
         """A learned-variance model's output carries the variance after the mean channels (diffusers' [:, :3])."""
         c = self.config
         if c.variance_type in ("learned", "learned_range") and c.prediction_type == "epsilon" \
-                and model_output.shape[1] != sample.shape[1]:
-            return model_output[:, :sample.shape[1]].contiguous(
-                memory_format=torch.channels_last if model_output.is_contiguous(memory_format=torch.channels_last)
-                and not model_output.is_contiguous() else torch.contiguous_format)
+                and model_output.dim() > 1 and model_output.shape[1] != sample.shape[1]:
+            mean = model_output[:, :sample.shape[1]]
+            channels_last = sample.dim() == 4 and not sample.is_contiguous() \
+                and sample.is_contiguous(memory_format=torch.channels_last)
+            return mean.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return model_output
 
     def step_at(self, model_output: torch.Tensor, step_index, sample: torch.Tensor, *, noise=None,
@@ -587,7 +589,7 @@ class DPMSolverMultistepScheduler(ConfigProtocol):
         # Notation (code name -> Lu et al., 2022a/b):
         #   sample -> x_{t_{i-1}} (here x_s0);  sigmas[i] -> sigma_s0 / alpha_s0;  alpha, sigma -> alpha_t, sigma_t
         #   h -> h_i = lambda_t - lambda_s0, lambda = log(alpha / sigma);  r0, r1 -> h_{i-1} / h_i, h_{i-2} / h_i
-        #   history D0, D_{-1}, D_{-2} -> x_theta(x_{t_{i-1}}), ... (++, data prediction) or eps_theta (noise prediction)
+        #   history D0, D_{-1}, D_{-2} -> x_theta(x_{t_{i-1}}), ... (++: data prediction), or eps_theta
         # Steps (coefficients precomputed by _coeff_row, one row per step):
         #   1. D0 = x0 = (x - sigma_s0 eps) / alpha_s0 (or eps), thresholded if asked            (2022b, eq. 4)
         #   2. order: 1 at the first step, 2 at the second, solver_order after; lower at the end (lower_order_final)
