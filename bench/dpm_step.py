@@ -153,12 +153,16 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default=None, help="comma-separated (default: float16,float32 on CUDA, float32 on CPU)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--target-time", type=float, default=0.25, help="seconds of timed calls per implementation")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for CPU --quick)")
     p.add_argument("--out", default=None, help="output folder (default: bench/results/<device>-<date>)")
     args = p.parse_args(argv)
     from fastdiff.devices import resolve_device
 
     device = resolve_device(args.device)
     quick = args.quick or device.type != "cuda"
+    threads = common.default_threads(device, quick, args.threads)
+    if threads:
+        torch.set_num_threads(threads)
     dtypes = common.parse_dtypes(args.dtypes) if args.dtypes else (
         [torch.float16, torch.float32] if device.type == "cuda" else [torch.float32])
     copy = common.measure_copy_bandwidth(device, quick=quick)
