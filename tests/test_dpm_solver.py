@@ -18,6 +18,7 @@ import tempfile
 import types
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -830,3 +831,24 @@ def test_step_at_in_cuda_graph(backend):
             graph.replay()
             ref = cpu.step_at(dummy_nonlinear_model(ref, 500), i, ref, seeds=seeds.cpu())
             assert_close(x, ref, rtol=2e-5, what=f"replay step {i} vs CPU reference")
+
+
+def test_drop_in_for_a_diffusers_pipeline():
+    """``pipe.scheduler = fastdiff.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``: the same images
+    as diffusers' own scheduler, SDE noise from the pipeline's generator included."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    with torch.no_grad():  # perturb the zero-initialised output layers so the images depend on the network
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DPMSolverMultistepScheduler(
+        algorithm_type="sde-dpmsolver++", solver_order=3))
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(batch_size=2, num_inference_steps=6, output_type="np")
+    ref = pipe(generator=torch.Generator().manual_seed(3), **call).images
+    pipe.scheduler = Ours.from_config(pipe.scheduler.config)
+    assert isinstance(pipe.scheduler, Ours) and pipe.scheduler.config.solver_order == 3
+    out = pipe(generator=torch.Generator().manual_seed(3), **call).images
+    assert np.abs(out - ref).max() < 1e-4
