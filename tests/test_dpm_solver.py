@@ -478,6 +478,9 @@ def test_add_noise_matches_diffusers():
         x0, noise = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
         ts = torch.tensor([ours.timesteps[2].item(), ours.timesteps[0].item(), 12345 % 997, ours.timesteps[9].item()])
         assert_close(ours.add_noise(x0, noise, ts), ref.add_noise(x0, noise, ts), rtol=1e-5, what=str(extra))
+        exact = ours.add_noise(x0.double(), noise.double(), ts)
+        assert exact.dtype == torch.float64
+        assert_close(ours.add_noise(x0, noise, ts), exact, rtol=1e-6, what="float32 vs float64 tables")
         ours.set_begin_index(3)
         ref.set_begin_index(3)
         assert_close(ours.add_noise(x0, noise, ts), ref.add_noise(x0, noise, ts), rtol=1e-5, what="begin index")

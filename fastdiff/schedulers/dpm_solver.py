@@ -641,7 +641,8 @@ class DPMSolverMultistepScheduler(ConfigProtocol):
         """x_t = alpha_t x_0 + sigma_t noise at the grid sigmas of ``timesteps`` (diffusers' rule: the begin index
         when set, else each timestep's position in the schedule, its second if repeated, the last if absent).
 
-        Computed on the device without host reads; float32 from float64 tables, in ``original_samples``' dtype.
+        Computed on the device without host reads, in float32 from float64 tables (float64 for float64 input),
+        returned in ``original_samples``' dtype.
         """
         self._check_ready()
         x0 = original_samples
@@ -656,8 +657,11 @@ class DPMSolverMultistepScheduler(ConfigProtocol):
         if timesteps.numel() not in (1, x0.shape[0]):
             raise ValueError(f"add_noise: {timesteps.numel()} timesteps for {x0.shape[0]} samples")
         device = x0.device
-        alphas = self.step_alphas.to(device)
-        sigmas = self.step_sigmas.to(device)
+        if x0.dtype == torch.float64:  # a float64 caller gets float64 coefficients
+            alpha64 = 1.0 / torch.sqrt(self.sigmas**2 + 1.0)
+            alphas, sigmas = alpha64.to(device), (self.sigmas * alpha64).to(device)
+        else:
+            alphas, sigmas = self.step_alphas.to(device), self.step_sigmas.to(device)
         t = timesteps.to(device).reshape(-1)
         if self._begin_index is not None:
             index = self._step_index if self._step_index is not None else self._begin_index
@@ -674,7 +678,7 @@ class DPMSolverMultistepScheduler(ConfigProtocol):
         shape = (-1,) + (1,) * (x0.dim() - 1)
         a = alphas.index_select(0, idx).reshape(shape)
         s = sigmas.index_select(0, idx).reshape(shape)
-        return (a * x0.float() + s * noise.float()).to(x0.dtype)
+        return (a * x0.to(a.dtype) + s * noise.to(a.dtype)).to(x0.dtype)
 
     def img2img_start(self, strength) -> int:
         """Index into ``.timesteps`` where image-to-image denoising starts: n - min(int(n * strength), n)."""
