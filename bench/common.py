@@ -12,6 +12,7 @@ Conventions of every report this package writes:
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import math
 import os
@@ -110,6 +111,54 @@ def ratio(num: float | None, den: float | None) -> float | None:
 def short_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+
+
+# ----------------------------------------------------------------------------------------- optional packages
+# Import name -> distribution name of every optional dependency the benchmarks, the GPU check or the tests use.
+# The lent GPU image has no diffusers and no xformers; a lean CPU environment may lack any of these.
+OPTIONAL_PACKAGES = {"diffusers": "diffusers", "xformers": "xformers", "matplotlib": "matplotlib",
+                     "pynvml": "nvidia-ml-py", "xdist": "pytest-xdist", "scipy": "scipy", "PIL": "Pillow",
+                     "tqdm": "tqdm", "safetensors": "safetensors"}
+CHART_HINT = "pip install fastdiff[bench]"
+
+
+def missing(module: str) -> str | None:
+    """None when ``module`` imports, else "<distribution> missing" (or why it failed to import)."""
+    dist = OPTIONAL_PACKAGES.get(module, module)
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return f"{dist} missing"
+    except Exception as exc:  # installed but broken (a mismatched torch, say): reported, never raised
+        return f"{dist} unusable ({short_error(exc)})"
+    return None
+
+
+def optional_packages() -> dict:
+    """{distribution: version, or None with "<distribution>_reason"} for every optional package."""
+    out = {}
+    for module, dist in OPTIONAL_PACKAGES.items():
+        problem = missing(module)
+        if problem:
+            put(out, dist, None, f"not available: {problem}")
+        else:
+            put(out, dist, _dist_version(dist, module))
+    return out
+
+
+def _dist_version(dist: str, module: str) -> str:
+    try:
+        from importlib import metadata
+
+        return metadata.version(dist)
+    except Exception:
+        return str(getattr(sys.modules.get(module), "__version__", "unknown"))
+
+
+def chart_problem() -> str | None:
+    """Why no PNG chart can be drawn here (matplotlib missing), or None."""
+    problem = missing("matplotlib")
+    return f"not drawn: {problem} ({CHART_HINT} for the chart)" if problem else None
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -214,13 +263,21 @@ def time_run(fn, device: torch.device):
 
 
 # ----------------------------------------------------------------------------------------- limits
-def measure_copy_bandwidth(device: torch.device, quick: bool = False) -> dict:
-    """Device-to-device (CPU: memory-to-memory) copy bandwidth, counting bytes read plus bytes written."""
-    nbytes = (1 * 2**30 if not quick else 256 * 2**20) if device.type == "cuda" else (64 if quick else 128) * 2**20
+def measure_copy_bandwidth(device: torch.device, quick: bool = False, nbytes: int | None = None,
+                           target_s: float | None = None) -> dict:
+    """Device-to-device (CPU: memory-to-memory) copy bandwidth, counting bytes read plus bytes written.
+
+    ``nbytes``: the buffer size (default: a large buffer, the device's peak). A kernel is compared with the copy
+    that moves as many bytes as its floor (``nbytes`` = floor / 2), so launch overhead and cache effects weigh
+    the same on both; on CUDA the L2 cache is flushed before each timed call either way.
+    """
+    if nbytes is None:
+        nbytes = (1 * 2**30 if not quick else 256 * 2**20) if device.type == "cuda" else (64 if quick else 128) * 2**20
+    nbytes = max(4, nbytes // 4 * 4)
     src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    timing = time_calls(lambda s, d: d.copy_(s), [(src, dst)], device, target_s=0.2 if quick else 0.5,
-                        min_reps=5, max_reps=50)
+    timing = time_calls(lambda s, d: d.copy_(s), [(src, dst)], device,
+                        target_s=target_s if target_s is not None else (0.2 if quick else 0.5), min_reps=5, max_reps=50)
     moved = 2 * nbytes
     return {"what": "copy of a float32 buffer (dst.copy_(src)), bytes read + bytes written",
             "buffer_bytes": nbytes, "bytes_moved": moved, **timing, "gbps": moved / timing["median_s"] / 1e9}
@@ -260,11 +317,15 @@ class GpuMonitor:
         if device.type != "cuda":
             self.problem = "not measured: no NVIDIA GPU (CPU run)"
             return
+        problem = missing("pynvml")
+        if problem:
+            self.problem = f"not measured: {problem}"
+            return
         try:
             import pynvml
 
             pynvml.nvmlInit()
-        except Exception as exc:  # missing library or driver: recorded, never fatal
+        except Exception as exc:  # no driver: recorded, never fatal
             self.problem = f"not measured: nvidia-ml-py unavailable ({short_error(exc)})"
             return
         self.nvml = pynvml
@@ -399,6 +460,7 @@ def provenance(device: torch.device, argv: list[str] | None, command: str) -> di
         "diffusers": _version("diffusers"),
         "fastdiff": fastdiff.__version__,
         **{f"fastdiff_{k}": v for k, v in git_commit().items()},
+        "optional_packages": optional_packages(),
         "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "FASTDIFF_BACKEND", "CUDA_VISIBLE_DEVICES")
                 if k in os.environ},
     }

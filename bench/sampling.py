@@ -56,7 +56,8 @@ PRESETS = {
     # models, batches, (scheduler, steps) pairs, timed calls per run, seconds after which a run stops repeating
     "quick": {"models": ["tiny-16"], "batches": [1, 4], "schedulers": [("ddim", 10), ("ddpm", 3)], "repeats": 3,
               "run_budget": 30},
-    "short": {"models": ["cifar10-32"], "batches": [64, 1], "schedulers": [("ddim", 50), ("ddpm", 10)],
+    # the GPU check's: batch 1 first (the latency case), then 64
+    "short": {"models": ["cifar10-32"], "batches": [1, 64], "schedulers": [("ddim", 50), ("ddpm", 10)],
               "repeats": 3, "run_budget": 20},
     "full": {"models": ["cifar10-32", "church-256"], "batches": [1, 8, 64, 256],
              "schedulers": [("ddim", 50), ("ddpm", 20)], "repeats": 3, "run_budget": 30},
@@ -67,11 +68,8 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------------------- models
 def diffusers_problem() -> str | None:
-    try:
-        import diffusers  # noqa: F401
-    except Exception as exc:
-        return f"diffusers is not installed ({common.short_error(exc)})"
-    return None
+    """Why diffusers' peer cannot run here ("diffusers missing"), or None."""
+    return common.missing("diffusers")
 
 
 def count_flops(name: str) -> dict:
@@ -184,55 +182,82 @@ def time_mode(rec: dict, fn, device, repeats: int, budget_s: float, monitor: com
                readings.get("energy_j_reason", "not measured: no energy reading"))
 
 
-def run_mode(mode, ctx, rec, args) -> None:
-    """Time one mode for one (model, scheduler, batch) and check its forward pass; fills ``rec``."""
-    from fastdiff import ops
-    from fastdiff.sampling import Sampler, image_seeds
-
-    device, dtype, batch, kind, steps = ctx["device"], ctx["dtype"], rec["batch"], rec["scheduler"], rec["steps"]
-    seeds = image_seeds(0, range(batch), device=device)
+def _mode_problem(mode, ctx, args) -> tuple[str, str] | None:
+    """(status, reason) when ``mode`` cannot or should not run here, else None."""
+    device = ctx["device"]
     if mode in CUDA_ONLY and device.type != "cuda":
-        return _skip(rec, "not run", "not run: no CUDA (the Triton kernels and CUDA graphs need a GPU)")
+        return "not run", "not run: no CUDA (the Triton kernels and CUDA graphs need a GPU)"
     if mode == "diffusers" and ctx["dmodel"] is None:
-        return _skip(rec, "not run", ctx["dmodel_reason"])
+        return "not run", ctx["dmodel_reason"]
     if mode == "compile":
         if args.no_compile:
-            return _skip(rec, "skipped", "skipped: --no-compile")
+            return "skipped", "skipped: --no-compile"
         if args.quick and device.type == "cpu":
-            return _skip(rec, "skipped", "skipped: --quick on the CPU; compiling the UNet with torch.compile takes "
-                                         "minutes on a small CPU (run without --quick to measure it)")
+            return "skipped", ("skipped: --quick on the CPU; compiling the UNet with torch.compile takes minutes on "
+                               "a small CPU (run without --quick to measure it)")
     if ctx["elapsed"]() > args.time_budget:
-        return _skip(rec, "skipped", f"skipped: the time budget of {args.time_budget:.0f} s is used up")
+        return "skipped", f"skipped: the time budget of {args.time_budget:.0f} s is used up"
+    return None
+
+
+def _build_diffusers(mode, ctx, rec, args, seeds):
+    """diffusers' UNet2DModel stepped by diffusers' own scheduler, from fastdiff's starting noise."""
+    from fastdiff import ops
+
+    shape = (rec["batch"], *ctx["image_shape"])
+    x_start = ops.gaussian_noise(seeds, ops.INITIAL_NOISE_STREAM, shape[1:], dtype=torch.float32,
+                                 backend="reference").to(ctx["dtype"])
+    fn = diffusers_loop(ctx["dmodel"], rec["scheduler"], rec["steps"], x_start, ctx["device"])
+
+    def forward(x, t):
+        return ctx["dmodel"](x, t).sample
+
+    return fn, forward
+
+
+def _build_fastdiff(mode, ctx, rec, args, seeds):
+    """fastdiff's Sampler: reference ops, Triton ops, Triton ops + CUDA graphs, or torch.compile of the model."""
+    from fastdiff.sampling import Sampler
+
+    model, backend, graphs = ctx["model"], "reference", False
+    if mode in CUDA_ONLY:
+        backend, graphs = "triton", mode == "triton+graphs"
+    if mode == "compile":
+        model.set_backend("reference")
+        key = (id(model), rec["batch"])
+        if ctx["compiled"].get("key") != key:  # a fresh compile per batch size: static shapes
+            torch._dynamo.reset()
+            ctx["compiled"] = {"key": key, "model": torch.compile(model, mode=args.compile_mode, dynamic=False)}
+        model = ctx["compiled"]["model"]
+        rec["compile_mode"] = args.compile_mode
+    sampler = Sampler(model, fastdiff_scheduler(rec["scheduler"]), device=ctx["device"], dtype=ctx["dtype"],
+                      backend=backend, cuda_graphs=graphs)
+
+    def fn():
+        return sampler.sample(seeds, steps=rec["steps"])
+
+    return fn, sampler.model  # the model with this mode's backend set (the CUDA graph replays these same ops)
+
+
+# Mode -> builder(mode, ctx, rec, args, seeds) returning (fn: one whole sampling call, forward(x, t): one UNet
+# forward of this mode, checked against the reference mode's). A new mode adds itself to MODES, here, and where
+# it cannot run to ``_mode_problem``; ``run_mode`` times it, counts its FLOPs and compares its forward.
+MODE_BUILDERS = {"reference": _build_fastdiff, "triton": _build_fastdiff, "triton+graphs": _build_fastdiff,
+                 "compile": _build_fastdiff, "diffusers": _build_diffusers}
+
+
+def run_mode(mode, ctx, rec, args) -> None:
+    """Time one mode for one (model, scheduler, batch) and check its forward pass; fills ``rec``."""
+    from fastdiff.sampling import image_seeds
+
+    device, batch, steps = ctx["device"], rec["batch"], rec["steps"]
+    problem = _mode_problem(mode, ctx, args)
+    if problem:
+        return _skip(rec, *problem)
+    seeds = image_seeds(0, range(batch), device=device)
     rec["flops_per_image_step"] = ctx["flops"]["diffusers" if mode == "diffusers" else "fastdiff"]
     try:
-        if mode == "diffusers":
-            shape = (batch, *ctx["image_shape"])
-            x_start = ops.gaussian_noise(seeds, ops.INITIAL_NOISE_STREAM, shape[1:], dtype=torch.float32,
-                                         backend="reference").to(dtype)
-            fn = diffusers_loop(ctx["dmodel"], kind, steps, x_start, device)
-
-            def forward(x, t):
-                return ctx["dmodel"](x, t).sample
-        else:
-            model, backend, graphs = ctx["model"], "reference", False
-            if mode in CUDA_ONLY:
-                backend, graphs = "triton", mode == "triton+graphs"
-            if mode == "compile":
-                model.set_backend("reference")
-                key = (id(model), batch)
-                if ctx["compiled"].get("key") != key:  # a fresh compile per batch size: static shapes
-                    torch._dynamo.reset()
-                    ctx["compiled"] = {"key": key, "model": torch.compile(model, mode=args.compile_mode,
-                                                                          dynamic=False)}
-                model = ctx["compiled"]["model"]
-                rec["compile_mode"] = args.compile_mode
-            sampler = Sampler(model, fastdiff_scheduler(kind), device=device, dtype=dtype, backend=backend,
-                              cuda_graphs=graphs)
-
-            def fn():
-                return sampler.sample(seeds, steps=steps)
-
-            forward = sampler.model  # with this mode's backend set (the CUDA graph replays these same ops)
+        fn, forward = MODE_BUILDERS[mode](mode, ctx, rec, args, seeds)
         time_mode(rec, fn, device, args.repeats, args.run_budget, ctx["monitor"])
     except Exception as exc:  # out of memory, an unsupported input, a failed compile: a result, not a crash
         if device.type == "cuda":
@@ -372,10 +397,16 @@ def chart(report: dict, path: Path) -> None:
 
 
 def write_reports(report: dict, out: Path, final: bool) -> None:
+    """JSON (also while running), then the Markdown table and, where matplotlib is installed, the chart."""
+    if final:
+        common.put(report, "chart", None if common.chart_problem() else "sampling.png", common.chart_problem())
     common.write_json_atomic(out / "sampling.json", report)
     if final:
         common.write_text_atomic(out / "sampling.md", markdown(report))
-        chart(report, out / "sampling.png")
+        if report["chart"]:
+            chart(report, out / "sampling.png")
+        else:
+            print(f"bench sampling: chart {report['chart_reason']}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -491,7 +522,7 @@ def _run(args, argv, device, preset_name) -> int:
     report["elapsed_s"] = time.perf_counter() - t_start
     write_reports(report, out, final=True)
     print(f"bench sampling: {len(report['runs'])} runs in {report['elapsed_s']:.0f} s -> "
-          f"{out}/sampling.{{json,md,png}}", file=sys.stderr)
+          f"{out}/sampling.{{json,md{',png' if report['chart'] else ''}}}", file=sys.stderr)
     return 0
 
 

@@ -6,6 +6,7 @@ package, so this module finds that folder next to the package it was imported fr
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import importlib.util
 import os
@@ -50,7 +51,23 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"unknown bench command {command!r}; choose kernels or sampling")
     load_bench_package()
     module = importlib.import_module(f"bench.{command}")
-    return int(module.main(rest) or 0)
+    return int(module.main(with_default_out(rest)) or 0)
+
+
+def with_default_out(rest: list[str]) -> list[str]:
+    """Without --out, results go to ./bench-results/<device>-<date>/ under the current folder, not the source tree."""
+    if any(a in ("-h", "--help", "--out") or a.startswith("--out=") for a in rest):
+        return rest
+    device = next((v for a, v in zip(rest, rest[1:]) if a == "--device"),
+                  next((a.split("=", 1)[1] for a in rest if a.startswith("--device=")), "auto"))
+    try:
+        from .devices import resolve_device
+
+        kind = resolve_device(device).type
+    except (ValueError, RuntimeError):  # the benchmark reports a bad --device itself
+        return rest
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return [*rest, "--out", os.path.join(os.getcwd(), "bench-results", f"{kind}-{today}")]
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ Metrics on a batch of generated images (``evaluate_images``):
   kernel distance of Binkowski et al. (2018) on the same features: unbiased, so it compares across set sizes.
 
 The classifier's weights ship as ``fastdiff/data/digits_classifier.safetensors`` (+ ``.json``);
-``fastdiff eval --train-classifier`` rebuilds them deterministically.
+``fastdiff eval --train-classifier`` rebuilds them deterministically into a file of your choice
+(``--classifier-out``, default ``./digits_classifier.safetensors``; the installed package is never written
+to), and ``--classifier PATH`` evaluates with such a file.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cli import _Parser, check_output_file, seed_int
 from .data import DATA_DIR, load_digits
 from .devices import resolve_device
+from .fileio import atomic_write, atomic_write_text
 
-CLASSIFIER_PATH = os.path.join(DATA_DIR, "digits_classifier.safetensors")
+CLASSIFIER_PATH = os.path.join(DATA_DIR, "digits_classifier.safetensors")  # shipped; read only
+USER_CLASSIFIER_NAME = "digits_classifier.safetensors"  # --train-classifier's default: the current folder
 CLASSIFIER_SIZE = 16  # images are resized to 16x16 greyscale before classification
 FEATURE_DIM = 64  # width of the penultimate layer whose activations the Frechet distance compares
 CONFIDENCE = 0.9
@@ -112,20 +117,16 @@ def train_classifier(seed: int = 0, epochs: int = 30, batch_size: int = 64, lr: 
     return model.eval()
 
 
-def save_classifier(model: DigitClassifier, path: str = CLASSIFIER_PATH, info: dict | None = None) -> None:
+def save_classifier(model: DigitClassifier, path: str, info: dict | None = None) -> None:
     """Weights to ``path`` (safetensors) and a description to the same name with ``.json``, atomically."""
     from safetensors.torch import save_file
 
     base = os.path.splitext(path)[0]
-    tmp = base + ".tmp.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, base + ".safetensors")
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(base + ".safetensors", lambda tmp: save_file(tensors, tmp))
     meta = {"architecture": "DigitClassifier", "input_size": CLASSIFIER_SIZE, "feature_dim": FEATURE_DIM,
             "num_classes": NUM_CLASSES, **(info or {})}
-    with open(base + ".json.tmp", "w") as f:
-        json.dump(meta, f, indent=2)
-        f.write("\n")
-    os.replace(base + ".json.tmp", base + ".json")
+    atomic_write_text(base + ".json", json.dumps(meta, indent=2) + "\n")
 
 
 _classifier_cache: dict[str, DigitClassifier] = {}
@@ -322,37 +323,47 @@ def _numbered_pngs(folder: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastdiff eval", description="Sample-quality metrics for digit models: "
-                                "classifier confidence, class spread, Frechet distance to held-out digits.")
+    p = _Parser(prog="fastdiff eval", description="Sample-quality metrics for digit models: "
+                "classifier confidence, class spread, Frechet distance to held-out digits.")
     p.add_argument("--model", default=None, help="checkpoint to sample from (default: the embedded model)")
     p.add_argument("--images", default=None, help="evaluate the numbered PNGs in this folder instead of sampling")
-    p.add_argument("--num-images", type=int, default=512)
-    p.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--num-images", type=int, default=512, help="images to sample or read")
+    p.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim", help="sampler")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: ddim 50, ddpm all)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=seed_int, default=0, help="base seed of the samples")
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--json", default=None, help="also write the metrics as JSON here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--classifier", default=CLASSIFIER_PATH, help="digit classifier weights to evaluate with "
+                   "(default: the shipped ones)")
     p.add_argument("--train-classifier", action="store_true",
-                   help="retrain the digit classifier and overwrite the shipped weights, then exit")
+                   help="retrain the digit classifier into --classifier-out, then exit")
+    p.add_argument("--classifier-out", default=USER_CLASSIFIER_NAME,
+                   help="where --train-classifier writes the weights (and a .json beside them)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.train_classifier:
+        out = check_output_file(args.classifier_out, "--classifier-out")
+        if not out.endswith(".safetensors"):
+            raise ValueError(f"--classifier-out {out} must end in .safetensors")
         start = time.time()
         model = train_classifier()
         held = load_digits("heldout", CLASSIFIER_SIZE)
         acc = accuracy(held.images, held.labels, model)
-        save_classifier(model, info={"trained_on": "digits train split (split seed 0), 16x16", "train_seed": 0,
-                                     "epochs": 30, "heldout_accuracy": round(acc, 4),
-                                     "rebuild": "fastdiff eval --train-classifier"})
-        print(f"classifier trained in {time.time() - start:.0f} s; held-out accuracy {acc:.4f}; "
-              f"written to {CLASSIFIER_PATH}")
+        save_classifier(model, out, info={"trained_on": "digits train split (split seed 0), 16x16", "train_seed": 0,
+                                          "epochs": 30, "heldout_accuracy": round(acc, 4),
+                                          "rebuild": "fastdiff eval --train-classifier"})
+        print(f"classifier trained in {time.time() - start:.0f} s; held-out accuracy {acc:.4f}; written to {out} "
+              f"(evaluate with it: fastdiff eval --classifier {out})")
         return 0
+    if args.json is not None:
+        check_output_file(args.json, "--json")
+    classifier = load_classifier(args.classifier)
     for name in ("num_images", "batch_size"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -378,15 +389,13 @@ def main(argv=None) -> int:
         images = sample_images(sampler, args.num_images, steps, args.eta, args.seed, args.batch_size,
                                progress=not args.no_progress)
         source = f"{description}; {args.scheduler} {steps} steps, eta {args.eta}, seed {args.seed}"
-    metrics = evaluate_images(images, seed=args.seed)
+    metrics = evaluate_images(images, classifier, seed=args.seed)
     metrics["source"] = source
     metrics["seconds"] = round(time.time() - start, 1)
     print(source)
     print(format_metrics(metrics))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(metrics, f, indent=2)
-            f.write("\n")
+        atomic_write_text(args.json, json.dumps(metrics, indent=2) + "\n")
     return 0
 
 

@@ -73,12 +73,10 @@ def atomic_write(path, write) -> None:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     except OSError as exc:
         raise _naming(exc, path) from exc
-    try:
-        os.fchmod(fd, file_mode())
-    finally:
-        os.close(fd)
+    os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())  # after the write: some writers (safetensors) replace the file with a 0600 one
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

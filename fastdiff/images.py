@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -10,6 +11,8 @@ import torch
 from PIL import Image
 
 from .fileio import atomic_write
+
+log = logging.getLogger("fastdiff.images")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -73,7 +76,8 @@ def load_png_folder(out_dir: str, indices) -> np.ndarray:
             with Image.open(path) as im:
                 pictures.append(_as_hwc(np.asarray(im)))
         except (OSError, SyntaxError, ValueError) as exc:
-            raise ValueError(f"cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"cannot read {path} ({reason})") from None
     shapes = {p.shape for p in pictures}
     if len(shapes) > 1:
         raise ValueError(f"the images in {out_dir} differ in size or channels ({sorted(shapes)}); cannot make a grid")
@@ -81,7 +85,7 @@ def load_png_folder(out_dir: str, indices) -> np.ndarray:
 
 
 def is_sample_png(path: str, shape) -> bool:
-    """Whether ``path`` is a whole PNG of ``shape`` (C, H, W) as ``save_images`` writes it (checks every chunk's CRC)."""
+    """Whether ``path`` is a whole PNG of ``shape`` (C, H, W) as ``save_images`` writes it (chunk CRCs checked)."""
     channels, height, width = shape
     modes = {1: ("L",), 3: ("RGB",), 4: ("RGBA",)}.get(channels, ())
     try:
@@ -98,17 +102,30 @@ def _as_hwc(a: np.ndarray) -> np.ndarray:
     return a[..., None] if a.ndim == 2 else a
 
 
-def load_image(path: str, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """Read an image file as a [1, C, H, W] float tensor in [-1, 1], resized to ``size`` (H, W)."""
+def load_image(path: str, channels: int, size: tuple[int, int], warn: bool = True) -> torch.Tensor:
+    """Read an image file as a [1, C, H, W] float tensor in [-1, 1], resized to ``size`` (H, W).
+
+    With ``warn``, a picture of another aspect ratio (stretched) or another channel count (converted) is
+    logged as a warning rather than changed without a word.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"init image not found: {path}")
+    target_mode = "L" if channels == 1 else "RGB"
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
+            width, height = im.size
+            source_channels = 3 if im.mode == "P" else len(im.getbands())
+            im = im.convert(target_mode)
             im = im.resize((size[1], size[0]), Image.BICUBIC)
             a = np.asarray(im, dtype=np.float32)
-    except OSError as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"cannot read init image {path}: {exc}") from None
+    if warn and width * size[0] != height * size[1]:
+        log.warning("init image %s is %dx%d, stretched to the model's %dx%d (another aspect ratio); "
+                    "crop it first to keep its proportions", path, width, height, size[1], size[0])
+    if warn and source_channels not in (channels, channels + 1):  # an alpha channel is simply dropped
+        log.warning("init image %s has %d channels, converted to the model's %d (%s)", path, source_channels,
+                    channels, "greyscale" if channels == 1 else "RGB")
     a = _as_hwc(a)
     if a.shape[-1] != channels:
         raise ValueError(f"init image {path} has {a.shape[-1]} channels, the model takes {channels}")

@@ -66,6 +66,15 @@ def model_sha256(model: torch.nn.Module) -> str:
     return tensor_sha256(model.state_dict())
 
 
+def scheduler_identity(scheduler) -> dict:
+    """The scheduler's full configuration as a JSON-safe dict, its class name under "_class_name"."""
+    if hasattr(scheduler, "to_diffusers_config"):
+        return json.loads(json.dumps(scheduler.to_diffusers_config(), default=str))
+    config = getattr(scheduler, "config", None)
+    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+    return json.loads(json.dumps({"_class_name": type(scheduler).__name__, **fields}, default=str))
+
+
 @dataclasses.dataclass
 class RunManifest:
     """What decides the pixels of a sampling run (compared on resume) and what is only recorded."""
@@ -105,7 +114,7 @@ class RunManifest:
         """The manifest of ``generate(sampler, ...)`` with these settings; ``extra`` goes to ``.extra``."""
         return cls(
             model_sha256=model_sha256(sampler.model),
-            scheduler=sampler.scheduler.to_diffusers_config(),
+            scheduler=scheduler_identity(sampler.scheduler),
             steps=int(steps), eta=float(eta), seed=int(seed),
             image_shape=tuple(image_shape or sampler.image_shape),
             dtype=str(sampler.dtype).replace("torch.", ""),
@@ -224,10 +233,13 @@ def remove_run_outputs(out_dir) -> list[str]:
     for extra in ("grid.png", MANIFEST_NAME):
         if os.path.lexists(os.path.join(out_dir, extra)):
             names.append(extra)
-    names = [n for n in names if not os.path.isdir(os.path.join(out_dir, n)) or os.path.islink(os.path.join(out_dir, n))]
+    removed = []
     for name in names:
-        os.unlink(os.path.join(out_dir, name))
-    return names
+        path = os.path.join(out_dir, name)
+        if os.path.islink(path) or not os.path.isdir(path):  # a folder of that name is the user's: reported, kept
+            os.unlink(path)
+            removed.append(name)
+    return removed
 
 
 def _short(value) -> str:

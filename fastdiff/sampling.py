@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import logging
 import math
+import numbers
 import os
 
 import torch
@@ -27,11 +28,23 @@ from . import ops
 log = logging.getLogger("fastdiff.sampling")
 
 _MASK64 = (1 << 64) - 1
+SEED_LIMIT = 1 << 64  # base seeds are integers in [0, 2**64): every bit of a 64-bit seed counts
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int, or ValueError unless it is an integer in [0, 2**64) (bool excluded)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
 
 
 def image_seed(seed: int, index: int) -> int:
-    """Seed of image ``index`` in a run with base seed ``seed`` (SplitMix64; fits in int64)."""
-    z = (int(seed) * 0x9E3779B97F4A7C15 + (int(index) + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    """Seed of image ``index`` (an integer >= 0) in a run with base seed ``seed`` (an integer in [0, 2**64)):
+    SplitMix64 of both, top bit dropped so it fits in int64. Every bit of the base seed counts."""
+    seed = check_seed(seed)
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or index < 0:
+        raise ValueError(f"image index must be an integer >= 0, got {index!r}")
+    z = (seed * 0x9E3779B97F4A7C15 + (int(index) + 1) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
@@ -269,14 +282,14 @@ def _check_finite(images: torch.Tensor, indices, batch_number: int, num_batches:
 def generate(sampler: Sampler, *, num_images: int, batch_size: int, seed: int, steps: int, out_dir: str,
              eta: float = 0.0, init: torch.Tensor | None = None, strength: float = 1.0, grid: bool = True,
              progress: bool = True, image_shape=None, overwrite: bool = False,
-             model: str | None = None) -> GenerateResult:
+             model_source: str | None = None) -> GenerateResult:
     """Write ``num_images`` PNGs (``out_dir/000000.png`` ...) in batches, plus ``grid.png`` and ``run.json``.
 
     Before sampling: ``out_dir`` is created and proven writable, and its run manifest (``fastdiff.manifest``)
     is checked: a rerun with the same settings resumes (images already there, if readable, are kept), other
     settings raise ``RunMismatchError`` unless ``overwrite`` (which removes the old images first). A batch
-    with NaN or infinite values raises ``NonFiniteOutputError`` and writes nothing. ``model`` (a path or a
-    description) is recorded in the manifest.
+    with NaN or infinite values raises ``NonFiniteOutputError`` and writes nothing. ``model_source`` (a path
+    or a description of the weights) is recorded in the manifest.
     """
     from .fileio import prepare_output_dir
     from .manifest import RunManifest
@@ -284,12 +297,13 @@ def generate(sampler: Sampler, *, num_images: int, batch_size: int, seed: int, s
     _check_positive_int("num_images", num_images)
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("steps", steps)
+    check_seed(seed)
     image_shape = tuple(image_shape or sampler.image_shape)
     init = check_init_image(init, image_shape)
     first_step = sampler.plan(steps, eta).scheduler.img2img_start(strength) if init is not None else 0
     prepare_output_dir(out_dir)
     manifest = RunManifest.for_sampling(sampler, seed=seed, steps=steps, eta=eta, image_shape=image_shape, init=init,
-                                        strength=strength, num_images=num_images, model=model)
+                                        strength=strength, num_images=num_images, model=model_source)
     manifest.check_or_write(out_dir, overwrite)
     todo, broken = _images_to_draw(out_dir, num_images, image_shape)
     skipped = num_images - len(todo)

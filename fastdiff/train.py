@@ -25,22 +25,24 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-from .cli import bool_list, int_list
+from .cli import _Parser, bool_list, positive_int_list, seed_int
 from .data import load_dataset
 from .devices import resolve_device
-from .fileio import atomic_write_text
+from .fileio import atomic_write, atomic_write_text, make_temp_dir, remove_stale_temporaries
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 STATE_VERSION = 1
+TEMP_STEP_PREFIX = ".tmp-step_"  # a checkpoint folder being written (renamed to step_NNNNNN when complete)
+_STEP_NAME = re.compile(r"step_\d{6,}")
 
 
 @dataclasses.dataclass
@@ -79,6 +81,7 @@ class TrainConfig:
     log_every: int = 50  # steps per entry of the loss history stored in checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: bool = False  # continue from the newest checkpoint in `out`
+    overwrite: bool = False  # replace an earlier run in `out` (its checkpoints/ and model/); else refuse
     seed: int = 0  # seeds the initial weights and every random draw
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
     progress: bool = True  # tqdm progress bar with the running loss
@@ -273,12 +276,13 @@ def save_training_checkpoint(out: str, step: int, config: TrainConfig, model, em
     root = os.path.join(out, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = checkpoint_dir(out, step)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=root)
+    tmp = make_temp_dir(root, prefix=f"{TEMP_STEP_PREFIX}{step:06d}-")
     try:
         save_checkpoint(model, os.path.join(tmp, "model"), extra_metadata={"scheduler": config.scheduler_config()})
         save_checkpoint(ema, os.path.join(tmp, "ema"), extra_metadata={"scheduler": config.scheduler_config()})
         opt_tensors, opt_meta = _optimizer_tensors(opt)
-        save_file({**opt_tensors, **_rng_tensors(gen)}, os.path.join(tmp, "training_state.safetensors"))
+        state_tensors = {**opt_tensors, **_rng_tensors(gen)}
+        atomic_write(os.path.join(tmp, "training_state.safetensors"), lambda path: save_file(state_tensors, path))
         meta = {"version": STATE_VERSION, "step": step, "config": config.to_dict(), "optimizer": opt_meta,
                 "loss_history": loss_history}
         with open(os.path.join(tmp, "training_state.json"), "w") as f:
@@ -303,19 +307,75 @@ def _prune(root: str, keep_n: int, keep: str) -> None:
 
 
 def latest_checkpoint(out: str) -> str | None:
-    """The newest complete checkpoint folder under ``out``, or None."""
+    """The newest complete checkpoint folder under ``out``, or None; ValueError naming a corrupt ``latest``."""
     root = os.path.join(out, "checkpoints")
     pointer = os.path.join(root, "latest")
     if os.path.isfile(pointer):
-        with open(pointer) as f:
-            path = os.path.join(root, f.read().strip())
+        try:
+            with open(pointer) as f:
+                name = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read {pointer} ({exc}); "
+                             "remove it to resume from the newest step folder") from None
+        if not _STEP_NAME.fullmatch(name):
+            raise ValueError(f"{pointer} does not name a checkpoint (step_NNNNNN), it holds {name[:40]!r}; "
+                             "remove it to resume from the newest step folder")
+        path = os.path.join(root, name)
         if os.path.isfile(os.path.join(path, "training_state.json")):
             return path
     if not os.path.isdir(root):
         return None
     done = sorted(n for n in os.listdir(root)
-                  if n.startswith("step_") and os.path.isfile(os.path.join(root, n, "training_state.json")))
+                  if _STEP_NAME.fullmatch(n) and os.path.isfile(os.path.join(root, n, "training_state.json")))
     return os.path.join(root, done[-1]) if done else None
+
+
+def _read_state(ckpt: str) -> tuple[dict, dict]:
+    """(training_state.json, training_state.safetensors) of a checkpoint; ValueError naming a file that is corrupt."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(ckpt, "training_state.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict) or not {"step", "config", "optimizer", "loss_history"} <= set(meta):
+            raise ValueError("not a fastdiff training state")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"cannot resume from {path}: {str(exc).splitlines()[0]}") from None
+    path = os.path.join(ckpt, "training_state.safetensors")
+    try:
+        tensors = load_file(path)
+    except Exception as exc:  # safetensors raises its own SafetensorError for a truncated or corrupt file
+        raise ValueError(f"cannot resume from {path}: {str(exc).splitlines()[0] or type(exc).__name__} "
+                         "(truncated or corrupt)") from None
+    return meta, tensors
+
+
+def existing_run(out: str) -> int | None:
+    """The step a training run in ``out`` reached (0 when it has output but no checkpoint), or None if there is none."""
+    root = os.path.join(out, "checkpoints")
+    steps = sorted(n for n in os.listdir(root) if _STEP_NAME.fullmatch(n)) if os.path.isdir(root) else []
+    if steps:
+        return int(steps[-1][len("step_"):])
+    return 0 if os.path.isdir(os.path.join(out, "model")) else None
+
+
+def _clear_run(out: str) -> None:
+    for name in ("checkpoints", "model"):
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+
+
+def _remove_stale_temporaries(out: str) -> None:
+    """Leftovers of a killed run: checkpoint folders still being written, half-written files."""
+    root = os.path.join(out, "checkpoints")
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(TEMP_STEP_PREFIX) and os.path.isdir(os.path.join(root, name)):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        remove_stale_temporaries(root, r"latest")
+    remove_stale_temporaries(os.path.join(out, "model"), r"model\.safetensors|config\.json")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,13 +389,22 @@ def train(config: TrainConfig, stop_at: int | None = None) -> str:
     ``stop_at``: stop after this many steps (writing a checkpoint), as if interrupted; a later call with
     ``resume=True`` continues. Used by the resume test.
     """
-    from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
     from .checkpoint import load_checkpoint, save_checkpoint
     from .unet import UNet
 
     config.validate()
+    if config.resume and config.overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run in out, or replace it")
+    reached = existing_run(config.out)
+    if reached is not None and not config.resume:
+        if not config.overwrite:
+            at = f" (at step {reached})" if reached else ""
+            raise ValueError(f"{config.out} already holds a training run{at}; continue it with --resume, replace it "
+                             "with --overwrite, or choose another --out")
+        _clear_run(config.out)
+    _remove_stale_temporaries(config.out)
     device = resolve_device(config.device)
     data = load_dataset(config.data, config.image_size, split="train", channels=config.image_channels)
     images = data.images
@@ -356,19 +425,18 @@ def train(config: TrainConfig, stop_at: int | None = None) -> str:
         ckpt = latest_checkpoint(config.out)
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {os.path.join(config.out, 'checkpoints')}")
-        with open(os.path.join(ckpt, "training_state.json")) as f:
-            meta = json.load(f)
+        meta, tensors = _read_state(ckpt)
         stored = TrainConfig.from_dict(meta["config"])
         changed = [k for k in _FROZEN_ON_RESUME if getattr(stored, k) != getattr(config, k)]
         if changed:
             raise ValueError(f"--resume: {', '.join(changed)} differ from the checkpoint in {ckpt}")
         model.load_state_dict(load_checkpoint(os.path.join(ckpt, "model"), device, torch.float32).state_dict())
         ema.load_state_dict(load_checkpoint(os.path.join(ckpt, "ema"), device, torch.float32).state_dict())
-        tensors = load_file(os.path.join(ckpt, "training_state.safetensors"))
         _load_optimizer(opt, tensors, meta["optimizer"])
         _restore_rng(gen, tensors)
         step, loss_history = meta["step"], meta["loss_history"]
 
+    start_step = step
     end = config.steps if stop_at is None else min(stop_at, config.steps)
     model.train()
     running, running_n, smooth = 0.0, 0, None
@@ -406,7 +474,7 @@ def train(config: TrainConfig, stop_at: int | None = None) -> str:
     elapsed = time.time() - start_time
 
     final = os.path.join(config.out, "model")
-    if step >= config.steps:
+    if step >= config.steps and (step > start_step or not os.path.isdir(final)):
         save_checkpoint(ema.eval(), final, extra_metadata={
             "scheduler": config.scheduler_config(),
             "training": {"steps": step, "data": config.data, "seed": config.seed,
@@ -423,31 +491,34 @@ def train(config: TrainConfig, stop_at: int | None = None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="fastdiff train", description="Train a UNet (DDPM objective, EMA weights).")
-    p.add_argument("--data", default=d.data, help="'digits' or a folder of images (default: %(default)s)")
-    p.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--image-channels", type=int, default=None, choices=(1, 3))
+    p = _Parser(prog="fastdiff train", description="Train a UNet (DDPM objective, EMA weights).")
+    p.add_argument("--data", default=d.data, help="'digits' or a folder of images")
+    p.add_argument("--out", default=d.out, help="output folder (checkpoints/, model/)")
+    p.add_argument("--steps", type=int, default=d.steps, help="total optimiser steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate after warm-up")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA decay of the sampled weights")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="training resolution")
+    p.add_argument("--image-channels", type=int, default=None, choices=(1, 3),
+                   help="default: 1 for digits, from the files for a folder")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (not for digits)")
-    p.add_argument("--n-channels", type=int, default=d.n_channels)
-    p.add_argument("--ch-mults", type=int_list, default=d.ch_mults, help="e.g. 1,2,2")
+    p.add_argument("--n-channels", type=int, default=d.n_channels, help="channels of the first level")
+    p.add_argument("--ch-mults", type=positive_int_list, default=d.ch_mults, help="channel multiplier per level")
     p.add_argument("--is-attn", type=bool_list, default=None, help="per level, e.g. 0,0,1 (default: last level)")
-    p.add_argument("--n-blocks", type=int, default=d.n_blocks)
-    p.add_argument("--norm-groups", type=int, default=d.norm_groups)
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--num-train-timesteps", type=int, default=d.num_train_timesteps)
-    p.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default=d.beta_schedule)
-    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=d.prediction_type)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--n-blocks", type=int, default=d.n_blocks, help="ResBlocks per down level")
+    p.add_argument("--norm-groups", type=int, default=d.norm_groups, help="GroupNorm groups")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="ResBlock dropout")
+    p.add_argument("--num-train-timesteps", type=int, default=d.num_train_timesteps, help="T")
+    p.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default=d.beta_schedule, help="noise schedule")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=d.prediction_type, help="model target")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --out (its checkpoints/ and model/) instead of refusing")
+    p.add_argument("--seed", type=seed_int, default=d.seed, help="initial weights and every random draw")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -462,16 +533,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ch_mults=args.ch_mults, is_attn=is_attn, n_blocks=args.n_blocks, norm_groups=args.norm_groups,
         dropout=args.dropout, num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
         prediction_type=args.prediction_type, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        seed=args.seed, device=args.device, progress=not args.no_progress)
+        overwrite=args.overwrite, seed=args.seed, device=args.device, progress=not args.no_progress)
+
+
+def _reached_step(out: str) -> int | None:
+    ckpt = latest_checkpoint(out)
+    return None if ckpt is None else _read_state(ckpt)[0]["step"]
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     start = time.time()
+    before = _reached_step(config.out) if config.resume else None
     path = train(config)
-    note = " (resumed)" if config.resume else ""
-    print(f"reached step {config.steps}; this run{note} took {time.time() - start:.0f} s; EMA model: {path}")
+    reached = _reached_step(config.out)
+    if before is not None and before >= config.steps:
+        print(f"the run in {config.out} is already at step {before}, past --steps {config.steps}: nothing trained, "
+              f"the models are unchanged (raise --steps to continue); EMA model: {path}")
+    else:
+        note = f" (resumed from step {before})" if before is not None else ""
+        print(f"reached step {reached}; this run{note} took {time.time() - start:.0f} s; EMA model: {path}")
     return 0
 
 

@@ -253,10 +253,13 @@ def _gn_apply_kernel(
     """Split path, pass 3: y = (x - centre[c]) * scale[c] + shift[c] [silu], one tile per program.
 
     centre already holds mean - add, so x + add is never formed. Bytes per element: reads s, writes s.
+    Tiles are visited in the reverse of the statistics pass's order (last sample and last pixels first): the
+    first tiles read here are the last ones the statistics pass read, still in L2 (a whole sample when it fits,
+    e.g. 16.8 MB for 128x256x256 float16 against the H200's 50 MB), so less of the second read comes from HBM.
     """
-    pb = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2)
+    pb = tl.num_programs(0) - 1 - tl.program_id(0)
+    cb = tl.num_programs(1) - 1 - tl.program_id(1)
+    n = tl.num_programs(2) - 1 - tl.program_id(2)
     ch = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     pix = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     cmask = ch < C

@@ -1,11 +1,14 @@
 """Where the kernel tests run: compiled kernels on the GPU when there is one, else the Triton interpreter on the CPU.
 
 ``DEVICE`` is ``"cuda"`` when CUDA is available and the process was not started with ``TRITON_INTERPRET=1``;
-otherwise ``"cpu"``, with ``TRITON_INTERPRET=1`` set. Import this module before anything imports fastdiff's kernel
-modules. Triton (checked on 3.9) reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a kernel, i.e. when
-``kernels/*_kernels.py`` is first imported: not when ``triton`` itself is imported, and not at launch. So this
-module imports the kernel modules itself, right after choosing, and fails at once if they were already imported
-in the other mode: a GPU run can never quietly test the interpreter, nor a CPU run reach a compiled kernel.
+otherwise ``"cpu"``, with ``TRITON_INTERPRET=1`` set. Triton (checked on 3.9) reads ``TRITON_INTERPRET`` when
+``@triton.jit`` decorates a function: for fastdiff's kernels when ``kernels/*_kernels.py`` is first imported,
+for Triton's own jit helpers (``tl.randint4x``, ``tl.sigmoid`` ...) when ``triton`` is first imported. Both
+must see the same setting: interpreted kernels calling compiled-mode helpers fail with "Cannot call
+@triton.jit'd outside of the scope of a kernel". So tests/conftest.py imports this module before any test
+module is collected (diffusers, for one, imports Triton), and this module imports Triton and the kernel
+modules itself, right after choosing, failing at once if they were already imported in the other mode: a GPU
+run can never quietly test the interpreter, nor a CPU run reach a compiled kernel.
 """
 
 import importlib
@@ -61,7 +64,15 @@ INTERPRETED = DEVICE == "cpu"
 # lane errs by O(1), so the looser GPU bound loses no power.
 PHILOX_F32_RTOL = 1e-6 if INTERPRETED else 2e-6
 
+_TRITON_PREIMPORTED = "triton" in sys.modules
 import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
+import triton.language  # noqa: E402
+
+if isinstance(triton.language.random.randint4x, triton.runtime.JITFunction) == INTERPRETED:
+    raise RuntimeError(
+        f"triton was imported {'without' if INTERPRETED else 'under'} TRITON_INTERPRET before tests/kernel_device.py "
+        f"chose {DEVICE!r} (imported already: {_TRITON_PREIMPORTED}); tests/conftest.py must import kernel_device "
+        "before anything imports triton")
 
 for _name, _kernel in _KERNEL_MODULES.items():
     _already = _name in sys.modules

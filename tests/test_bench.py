@@ -9,6 +9,7 @@ import math
 import statistics
 import struct
 import sys
+import time
 
 import pytest
 import torch
@@ -58,6 +59,13 @@ def check_common(report: dict, out, stem: str) -> None:
     assert copy["bytes_moved"] == 2 * copy["buffer_bytes"]
     md = (out / f"{stem}.md").read_text()
     assert "CPU" in md.splitlines()[0] and "|---|" in md
+    packages = {k for k in prov["optional_packages"] if not k.endswith("_reason")}
+    assert packages == set(common.OPTIONAL_PACKAGES.values())
+    if common.missing("matplotlib"):  # no chart, and the report says how to get one
+        assert report["chart"] is None and "pip install fastdiff[bench]" in report["chart_reason"]
+        assert not (out / f"{stem}.png").exists()
+        return
+    assert report["chart"] == f"{stem}.png"
     png = (out / f"{stem}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
@@ -85,6 +93,8 @@ def test_bench_kernels_cpu_quick(tmp_path):
     cases = report["cases"]
     assert {c["op"] for c in cases} == {"group_norm_silu", "group_norm_temb_silu", "group_norm", "ddpm_step",
                                         "ddim_step"}
+    steps = [c["op"] in ("ddpm_step", "ddim_step") for c in cases]
+    assert steps == sorted(steps, reverse=True), "update steps run before group norms"
     compiled = 0
     for c in cases:
         assert c["dtype"] in ("float32", "float16", "bfloat16") and c["layout"] in ("nchw", "channels_last")
@@ -104,7 +114,11 @@ def test_bench_kernels_cpu_quick(tmp_path):
             assert len(r["samples_s"]) == r["repeats"] >= 5 and min(r["samples_s"]) > 0
             assert r["median_s"] == statistics.median(r["samples_s"])
             assert close(r["gbps"], r["floor_bytes"] / r["median_s"] / 1e9)
-            assert close(r["fraction_of_copy"], r["gbps"] / copy_gbps)
+            same = r["copy_same_bytes"]  # the copy moving the same bytes, timed in this run
+            assert abs(same["bytes_moved"] - r["floor_bytes"]) <= 8 and same["bytes_moved"] == 2 * same["buffer_bytes"]
+            assert close(same["gbps"], same["bytes_moved"] / same["median_s"] / 1e9)
+            assert close(r["fraction_of_copy"], r["gbps"] / same["gbps"])
+            assert close(r["fraction_of_peak_copy"], r["gbps"] / copy_gbps)
             assert r["rel_error_vs_reference"] <= r["tolerance"], f"{c['op']} {name} computes something else"
         med = {k: v["median_s"] for k, v in impls.items()}
         for key, num, den in (("speedup_vs_eager", "eager", "fastdiff"), ("speedup_vs_compile", "compile", "fastdiff"),
@@ -116,6 +130,7 @@ def test_bench_kernels_cpu_quick(tmp_path):
     assert compiled >= 1 or all("compile" in c["impls"]["compile"]["median_s_reason"] for c in cases)
     headlines = gpu_check.kernel_headlines(tmp_path / "kernels.json")
     assert headlines["cases"] == len(cases) and headlines["ddpm_step"]["median_speedup_vs_eager"] is None
+    assert headlines["ddpm_step"]["large_cases"] == []  # the quick preset's cases are small
 
 
 @pytest.mark.slow
@@ -133,9 +148,13 @@ def test_bench_sampling_cpu_quick(tmp_path):
     assert matmul["median_s"] == statistics.median(matmul["samples_s"])
     assert close(matmul["tflops"], 2 * matmul["n"] ** 3 / matmul["median_s"] / 1e12)
     assert report["gpu"]["measured"] is False
+    no_diffusers = common.missing("diffusers")  # the peer is then "not measured: diffusers missing"
     for name, m in report["models"].items():
         cfg = UNetConfig.from_diffusers_config(MODEL_CONFIGS[name])
         assert m["flops"]["fastdiff"] == flops_per_image(cfg) > 0
+        if no_diffusers:
+            assert m["params_diffusers"] is None and "diffusers missing" in m["params_diffusers_reason"]
+            continue
         assert m["flops"]["diffusers"] == m["flops"]["fastdiff"], "the two UNets must be the same network"
         assert m["params"] == m["params_diffusers"] > 0
     runs = report["runs"]
@@ -145,8 +164,12 @@ def test_bench_sampling_cpu_quick(tmp_path):
     for r in runs:
         groups.setdefault((r["model"], r["scheduler"], r["steps"], r["batch"]), {})[r["mode"]] = r
     for (model, sched, steps, batch), by_mode in groups.items():
-        for mode in ("reference", "diffusers"):
-            assert by_mode[mode]["status"] == "ok", by_mode[mode].get("reason")
+        assert by_mode["reference"]["status"] == "ok", by_mode["reference"].get("reason")
+        if no_diffusers:
+            assert by_mode["diffusers"]["median_s"] is None
+            assert by_mode["diffusers"]["reason"] == "not measured: diffusers missing"
+        else:
+            assert by_mode["diffusers"]["status"] == "ok", by_mode["diffusers"].get("reason")
         for mode in ("triton", "triton+graphs"):
             assert by_mode[mode]["median_s"] is None and "CUDA" in by_mode[mode]["median_s_reason"]
         for mode, r in by_mode.items():
@@ -170,7 +193,8 @@ def test_bench_sampling_cpu_quick(tmp_path):
             assert r["peak_memory_bytes"] is None and r["energy_per_image_j"] is None and r["avg_power_w"] is None
         # same weights, same input: diffusers' UNet computes what fastdiff's reference UNet computes
         assert by_mode["reference"]["forward_rel_error_vs_reference"] == 0.0
-        assert by_mode["diffusers"]["forward_rel_error_vs_reference"] < 1e-5
+        if not no_diffusers:
+            assert by_mode["diffusers"]["forward_rel_error_vs_reference"] < 1e-5
     headlines = gpu_check.sampling_headlines(tmp_path / "sampling.json")
     assert len(headlines) == len(groups)
 
@@ -208,6 +232,23 @@ def test_time_calls_rotates_inputs_and_reports_the_median():
     assert len(set(seen[-7:])) == 3, "timed calls must cycle through every input set"
 
 
+def test_timings_are_measured_known_durations():
+    """The timing path measures: callables that sleep a known time are reported at least that long (sleep never
+    returns early) and not far above it, in the ratio of their durations. A constant would fail one or the other."""
+    cpu = torch.device("cpu")
+
+    def nap(seconds):
+        time.sleep(seconds)
+
+    short = common.time_calls(nap, [(0.01,)], cpu, target_s=0.0, min_reps=5, max_reps=5, warmup_s=0.0)
+    long = common.time_calls(nap, [(0.04,)], cpu, target_s=0.0, min_reps=5, max_reps=5, warmup_s=0.0)
+    assert all(s >= 0.01 for s in short["samples_s"]) and all(s >= 0.04 for s in long["samples_s"])
+    # the medians: up to 25 ms late (a busy machine), which still keeps 10 ms and 40 ms apart
+    assert short["median_s"] < 0.035 and long["median_s"] < 0.065, (short["median_s"], long["median_s"])
+    seconds, out = common.time_run(lambda: nap(0.03) or "done", cpu)
+    assert out == "done" and 0.03 <= seconds < 0.3, seconds
+
+
 def test_bench_cli_errors(monkeypatch, tmp_path, capsys):
     from fastdiff import bench_cli
 
@@ -228,12 +269,118 @@ def test_bench_cuda_without_gpu_is_a_one_line_error(capsys):
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
-def test_gpu_check_needs_cuda(tmp_path, capsys):
+def test_bench_kernels_without_matplotlib_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert common.missing("matplotlib") == "matplotlib missing"
+    assert cli.main(["bench", "kernels", "--device", "cpu", "--quick", "--ops", "ddim_step", "--target-time", "0.01",
+                     "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    assert report["chart"] is None and "matplotlib missing" in report["chart_reason"]
+    assert report["provenance"]["optional_packages"]["matplotlib"] is None
+    assert (tmp_path / "kernels.md").read_text().startswith("# fastdiff kernel benchmark")
+    assert not (tmp_path / "kernels.png").exists()
+    assert "pip install fastdiff[bench]" in capsys.readouterr().err
+
+
+def test_missing_optional_package_is_named():
+    assert common.missing("json") is None
+    assert common.missing("fastdiff_no_such_module") == "fastdiff_no_such_module missing"
+    packages = common.optional_packages()
+    for dist in common.OPTIONAL_PACKAGES.values():
+        assert packages[dist] is not None or packages[f"{dist}_reason"] == f"not available: {dist} missing"
+
+
+def test_gpu_check_without_cuda_writes_its_summary(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present: the check would run for real")
     assert gpu_check.main([str(tmp_path / "out")]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert summary["mode"] == "no-cuda" and summary["passed"] is False and summary["parts"] == []
+    assert "nothing was run" in summary["reason"] and summary["environment"]["cuda_available"] is False
+    assert set(summary["environment"]["optional_packages"]) >= set(common.OPTIONAL_PACKAGES.values())
+
+
+def _fake_parts(parts):
+    return lambda mode, target, out, scratch: parts
+
+
+def test_gpu_check_rehearsal_reports_every_part(tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the rehearsal is for machines without one")
+    py = sys.executable
+    monkeypatch.setattr(gpu_check, "plan_parts", _fake_parts([
+        ("bench kernels", [py, "-c", "print('fine')"], 20),
+        ("bench sampling", [py, "-c", "import sys; print('broken'); sys.exit(3)"], 20),
+        ("gpu-marked tests", [py, "-c", "import time; print('slow', flush=True); time.sleep(60)"], 2),
+    ]))
+    out = tmp_path / "out"
+    assert gpu_check.main([str(out), "--cpu-rehearsal"]) == 1
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["mode"] == "cpu-rehearsal" and summary["passed"] is False
+    by = {p["name"]: p for p in summary["parts"]}
+    assert by["bench kernels"]["passed"] and by["bench kernels"]["output_tail"] == ["fine"]
+    assert by["bench sampling"]["returncode"] == 3 and not by["bench sampling"]["passed"]
+    assert by["gpu-marked tests"]["timed_out"] and by["gpu-marked tests"]["seconds"] < 30
+    assert summary["headlines"]["kernels"] is None  # nothing wrote kernels.json
+    log = (out / "gpu_check.log").read_text()
+    assert "broken" in log and "slow" in log
+    err = capsys.readouterr().err
+    assert "gpu-marked tests: TIMED OUT" in err and "bench sampling: FAILED" in err
+
+
+def test_gpu_check_total_limit_caps_the_parts(tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the rehearsal is for machines without one")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    monkeypatch.setattr(gpu_check, "plan_parts", _fake_parts([("first", sleeper, 100), ("second", sleeper, 100)]))
+    out = tmp_path / "out"
+    t0 = __import__("time").monotonic()
+    assert gpu_check.main([str(out), "--cpu-rehearsal", "--total-limit", "30"]) == 1
+    assert __import__("time").monotonic() - t0 < 45
+    parts = json.loads((out / "gpu_check.json").read_text())["parts"]
+    assert parts[0]["timed_out"] and parts[0]["limit_s"] <= 30 - gpu_check.SUMMARY_RESERVE_S
+    assert parts[1]["passed"] is None and "used up" in parts[1]["reason"]
+
+
+def test_gpu_check_writes_its_summary_when_it_breaks(tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the rehearsal is for machines without one")
+
+    def broken(*args):
+        raise RuntimeError("planning failed")
+
+    monkeypatch.setattr(gpu_check, "plan_parts", broken)
+    out = tmp_path / "out"
+    assert gpu_check.main([str(out), "--cpu-rehearsal"]) == 1
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["error"] == "RuntimeError: planning failed" and summary["passed"] is False
+    assert "planning failed" in (out / "gpu_check.log").read_text()
+    assert "the check broke" in capsys.readouterr().err
+
+
+def test_gpu_check_puts_carried_wheels_on_every_parts_path(tmp_path, monkeypatch):
+    """A pure-Python wheel in --wheels DIR becomes importable in the check and in the parts it starts."""
+    import zipfile
+
+    monkeypatch.setattr(gpu_check, "EXTRA_PATHS", [])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    name = "fastdiff_wheel_probe"
+    with zipfile.ZipFile(wheels / f"{name}-1.0-py3-none-any.whl", "w") as z:
+        z.writestr(f"{name}/__init__.py", "VALUE = 42\n")
+        z.writestr(f"{name}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        z.writestr(f"{name}-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                   "Tag: py3-none-any\n")
+        z.writestr(f"{name}-1.0.dist-info/RECORD", "")
+    info = gpu_check.add_wheels(str(wheels), str(tmp_path / "scratch"))
+    assert info["error"] is None and info["wheels"] == [f"{name}-1.0-py3-none-any.whl"]
+    assert gpu_check.EXTRA_PATHS == [info["site"]]
+    with open(tmp_path / "log", "w") as log:
+        part = gpu_check.run_part("probe", [sys.executable, "-c", f"import {name}; print({name}.VALUE)"], 60, log)
+    assert part["passed"] and part["output_tail"] == ["42"]
+    assert gpu_check.add_wheels(str(tmp_path / "none"), str(tmp_path / "s2"))["error"].endswith("no such folder")
 
 
 def test_gpu_check_part_timeout_kills_the_part(tmp_path):

@@ -48,6 +48,17 @@ def test_same_images_whatever_the_batch_size(tmp_path, checkpoint, scheduler, ex
     assert os.path.isfile(tmp_path / "b8" / "grid.png")
 
 
+def test_seed_and_seed_plus_2_to_the_32_draw_different_images(tmp_path, checkpoint):
+    """The base seed travels from the command line to every image without losing its high bits."""
+    common = ["sample", "--model", str(checkpoint), "--steps", "2", "--num-images", "2", "--device", "cpu",
+              "--no-progress", "--no-grid"]
+    for name, seed in (("a", 5), ("b", 5 + 2**32), ("c", 2**64 - 1)):
+        assert main(common + ["--seed", str(seed), "--out", str(tmp_path / name)]) == 0
+    a, b, c = (_pixels(tmp_path / name, 2) for name in "abc")
+    assert np.abs(a.astype(int) - b).max() > 8, "--seed 5 and --seed 5 + 2**32 drew the same images"
+    assert np.abs(a.astype(int) - c).max() > 8
+
+
 def test_init_image_sampling(tmp_path, checkpoint):
     Image.fromarray((np.random.rand(20, 30, 3) * 255).astype(np.uint8)).save(tmp_path / "in.png")
     rc = main(["sample", "--model", str(checkpoint), "--steps", "10", "--num-images", "2", "--device", "cpu",
@@ -76,6 +87,8 @@ BAD_INPUTS = {
     "strength above 1": (["--strength", "1.5"], r"\[0, 1\]"),
     "strength below 0": (["--strength", "-0.1"], r"\[0, 1\]"),
     "cpu half precision": (["--dtype", "float16", "--device", "cpu"], "needs a GPU"),
+    "negative seed": (["--seed", "-1"], r"seed.*\[0, 2\*\*64\)"),
+    "seed of 2**64": (["--seed", str(2**64)], r"seed.*\[0, 2\*\*64\)"),
 }
 
 

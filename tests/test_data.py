@@ -110,3 +110,28 @@ def test_folder_errors(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read"):
         load_image_folder(str(tmp_path), 16, channels=1)
+
+
+def test_sample_folder_grid_is_not_training_data(tmp_path):
+    from fastdiff.images import make_grid, save_images, save_png_atomic, to_uint8
+
+    images = torch.rand(3, 1, 8, 8) * 2 - 1
+    save_images(images, str(tmp_path), range(3))
+    save_png_atomic(make_grid(to_uint8(images)), str(tmp_path / "grid.png"))
+    data = load_image_folder(str(tmp_path), 8)
+    assert data.images.shape == (3, 1, 8, 8)
+    # a user's own grid.png, in a folder that is not a sample folder, is data like any other image
+    (tmp_path / "000000.png").rename(tmp_path / "a.png")
+    (tmp_path / "000001.png").rename(tmp_path / "b.png")
+    (tmp_path / "000002.png").rename(tmp_path / "c.png")
+    assert load_image_folder(str(tmp_path), 8).images.shape == (4, 1, 8, 8)
+
+
+def test_folder_with_a_file_that_is_not_an_image_names_it(tmp_path):
+    from fastdiff.images import save_images
+
+    save_images(torch.rand(2, 3, 8, 8) * 2 - 1, str(tmp_path), range(2))
+    (tmp_path / "zz.png").write_text("notes, not a picture")
+    for channels in (None, 3):  # the channel probe and the loader both name it
+        with pytest.raises(ValueError, match=r"cannot read image '.*zz\.png'"):
+            load_image_folder(str(tmp_path), 8, channels=channels)

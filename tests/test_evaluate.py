@@ -128,3 +128,26 @@ def test_shipped_default_model_draws_digits():
     m = ev.evaluate_images(images)
     assert m["confident_share"] >= 0.6, m
     assert sum(c > 0 for c in m["class_counts"]) >= 7, m["class_counts"]
+
+
+def test_train_classifier_writes_to_a_user_path_not_the_package(tmp_path, monkeypatch, capsys):
+    shipped = open(ev.CLASSIFIER_PATH, "rb").read()
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    quick = ev.DigitClassifier().eval()  # the 30-epoch training is not what this test is about
+    monkeypatch.setattr(ev, "train_classifier", lambda: quick)
+    assert ev.main(["--train-classifier"]) == 0
+    written = tmp_path / "digits_classifier.safetensors"
+    assert written.is_file() and (tmp_path / "digits_classifier.json").is_file()
+    assert f"written to {ev.USER_CLASSIFIER_NAME}" in capsys.readouterr().out
+    assert open(ev.CLASSIFIER_PATH, "rb").read() == shipped
+    loaded = ev.load_classifier(str(written))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), quick.state_dict().values()))
+    with pytest.raises(ValueError, match="does not exist"):
+        ev.main(["--train-classifier", "--classifier-out", str(tmp_path / "missing" / "c.safetensors")])
+
+
+def test_eval_json_to_a_folder_is_refused_before_the_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "load_classifier", lambda *a: pytest.fail("evaluated before checking --json"))
+    with pytest.raises(ValueError, match="is a folder"):
+        ev.main(["--images", str(tmp_path), "--json", str(tmp_path)])

@@ -2,14 +2,16 @@
 under the Triton interpreter on the CPU (tests/kernel_device.py decides).
 
 Tolerance: fastdiff.testing.RTOL for the output dtype (relative Frobenius error against the float32
-reference, computed from the same inputs on the same device). Inputs are fresh random every run; every output
+reference, computed from the same inputs on the same device). Half-precision outputs are also held, element by
+element, to the float32 result before rounding: at most the rounding of the output (half an ulp of its dtype,
+one ulp for bfloat16 under the interpreter, see HALF_ROUNDING_ULPS) plus float32 slack. Inputs are fresh random every run; every output
 buffer starts as NaN, so an element the kernel forgets to write fails the comparison. Shapes are small because
 the interpreter runs programs one by one; the split path is forced on small shapes with explicit tile sizes
 (``split_plan``). On a GPU, gpu-marked tests add realistic UNet shapes.
 """
 
 # first: settles TRITON_INTERPRET before the kernel modules load
-from kernel_device import DEVICE, gpu_only, randn
+from kernel_device import DEVICE, INTERPRETED, gpu_only, randn
 
 import pytest
 import torch
@@ -36,8 +38,44 @@ def poisoned_like(x):
     return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
 
 
+# Half-precision outputs: largest error of the output's rounding, in ulps of the output dtype at the exact value.
+# Rounding to nearest (the GPU's cvt.rn, and the interpreter's float16) errs by at most half an ulp. Triton's
+# interpreter (checked on 3.9) converts float32 to bfloat16 by truncation, dropping the low 16 bits (rounding
+# toward zero), which errs by less than one ulp: that, not a looser tolerance, is the bound there.
+HALF_ROUNDING_ULPS = {torch.float16: 0.5, torch.bfloat16: 1.0 if INTERPRETED else 0.5}
+# The kernel's float32 result differs from the float32 reference by float32 rounding in the statistics and the
+# affine map (and the GPU's approximate exp in SiLU): a few float32 ulps of the tensor's largest value.
+FLOAT32_SLACK = 8 * torch.finfo(torch.float32).eps
+
+
+def ulp(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` numbers at |value| (float32 tensor): eps * 2**floor(log2 |value|), subnormals included."""
+    info = torch.finfo(dtype)
+    _, exponent = torch.frexp(value.abs())
+    binade = torch.where(value == 0, torch.zeros_like(value), torch.ldexp(torch.ones_like(value), exponent - 1))
+    return binade.clamp(min=info.tiny) * info.eps
+
+
+def assert_half_within_rounding(res: torch.Tensor, exact: torch.Tensor, what: str) -> None:
+    """Every element of a half-precision ``res`` within the rounding of the float32 ``exact`` (plus float32 slack),
+    so statistics or arithmetic done in half precision are caught even where a norm-wise bound would pass."""
+    exact = exact.float()
+    err = (res.float() - exact).abs()
+    bound = HALF_ROUNDING_ULPS[res.dtype] * ulp(exact, res.dtype) + FLOAT32_SLACK * exact.abs().max()
+    bad = err > bound
+    if bad.any():
+        first = torch.nonzero(bad)[:5].tolist()
+        worst = (err / bound).max().item()
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements beyond {HALF_ROUNDING_ULPS[res.dtype]} "
+                             f"ulp of {res.dtype} (+ float32 slack), worst {worst:.2f}x the bound, first at {first}")
+
+
 def check(x, groups, *, weight=True, bias=True, add=None, silu=False, plan=None, param_dtype=None, eps=1e-5):
-    """Run the kernel into a NaN-filled buffer and compare with the reference; returns the output."""
+    """Run the kernel into a NaN-filled buffer and compare with the reference; returns the output.
+
+    Float32 output: against the float32 reference, norm-wise. Half precision: against the reference computed in
+    float32 from the same (half) inputs and never rounded, norm-wise and element by element.
+    """
     c = x.shape[1]
     pdt = param_dtype or x.dtype
     w = randn(c, dtype=pdt) if weight else None
@@ -45,11 +83,15 @@ def check(x, groups, *, weight=True, bias=True, add=None, silu=False, plan=None,
     out = poisoned_like(x)
     res = kernels.group_norm(x, groups, w, b, eps, add=add, silu=silu, out=out, plan=plan)
     assert res is out
-    ref = reference.group_norm(x, groups, w, b, eps, add=add, silu=silu)
+    exact = reference.group_norm(x.float(), groups, w, b, eps, add=add, silu=silu)
+    assert exact.dtype == torch.float32
     assert res.dtype == x.dtype
     assert res.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 and not x.is_contiguous()
                              else torch.contiguous_format)
-    assert_close(res, ref, x.dtype, what=f"group_norm {tuple(x.shape)} groups={groups}")
+    what = f"group_norm {tuple(x.shape)} {x.dtype} groups={groups}"
+    assert_close(res, exact, x.dtype, what=what)
+    if x.dtype != torch.float32:
+        assert_half_within_rounding(res, exact, what)
     return res
 
 
@@ -82,6 +124,51 @@ def test_split_path_channel_blocks_smaller_than_group(layout):
     x = make_input((2, 16, 6, 6), torch.float32, layout)
     check(x, 2, silu=True, plan=split_plan(16, 36, 2, block_c=4, block_p=16, tiles_per_chunk=1))
     check(x, 1, add=randn(2, 16), plan=split_plan(16, 36, 1, block_c=8, block_p=8, tiles_per_chunk=4))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_split_combine_loops_over_the_partials_more_than_once(layout):
+    """The combine kernel merges BLOCK_K partials per pass, BLOCK_K = min(next_pow2(n_chunks), 2048 // BLOCK_CG);
+    realistic maps need several passes (the README's 1x128x512x512 channels_last case: see the GPU test below).
+    256 channels a group (BLOCK_CG 256, BLOCK_K 8) over 35 pixels in 4-pixel chunks: 9 partials, two passes
+    (8, then 1 ragged chunk of 3 pixels), so the accumulator must carry across passes."""
+    x = make_input((2, 512, 7, 5), torch.float32, layout)
+    plan = split_plan(512, 35, 2, block_c=64, block_p=4, tiles_per_chunk=1)
+    assert plan.n_chunks == 9 and plan.combine_block_k == 8, plan
+    check(x, 2, add=randn(2, 512), silu=True, plan=plan)
+
+
+def test_readme_case_needs_several_combine_passes():
+    """1x128x512x512 channels_last in 32 groups (the README's split example): more partials than one combine pass
+    holds (NCHW takes long pixel rows, 8 partials a channel, one pass)."""
+    plan = plan_group_norm(1, 128, 512 * 512, 32, True)
+    assert plan.path == "split" and plan.n_chunks > plan.combine_block_k, plan
+
+
+@pytest.mark.parametrize("path", ["single", "split"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_low_variance_with_a_large_eps(path, layout):
+    """Variance 1e-6 with eps 1e-4: sqrt(var + eps) is 10x sqrt(var), so a kernel that drops (or misplaces) eps
+    is off by an order of magnitude (inputs with variance near 4 cannot see eps at all)."""
+    x = make_input((2, 8, 5, 3), torch.float32, layout, mean=0.02, std=1e-3)
+    plan = None if path == "single" else split_plan(8, 15, 2, block_c=4, block_p=4, tiles_per_chunk=2)
+    w, b = randn(8), randn(8)
+    with_eps = reference.group_norm(x, 2, w, b, 1e-4)
+    assert (with_eps - reference.group_norm(x, 2, w, b, 1e-12) - 0).abs().max() > 1.0  # eps matters here
+    check(x, 2, eps=1e-4, plan=plan)
+    check(x, 2, eps=1e-4, add=randn(2, 8), silu=True, plan=plan)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("path", ["single", "split"])
+def test_half_precision_statistics_are_float32(dtype, path):
+    """Mean 6, std 1, 576 elements a group: sums in half precision lose whole units (float16 holds integers only
+    up to 2048, exactly), so statistics not computed in float32 miss the per-element rounding bound."""
+    x = make_input((2, 16, 6, 6), dtype, "nchw", mean=6.0, std=1.0)
+    plan = None if path == "single" else split_plan(16, 36, 1, block_c=16, block_p=16, tiles_per_chunk=2)
+    check(x, 1, add=randn(2, 16, dtype=dtype), plan=plan)
+    check(x.contiguous(memory_format=torch.channels_last), 2, silu=True, plan=plan if plan is None else
+          split_plan(16, 36, 2, block_c=16, block_p=8, tiles_per_chunk=2))
 
 
 # ---- labelled edge cases ---------------------------------------------------------------------------------------
@@ -231,6 +318,15 @@ def test_gpu_large_group_split_path(layout):
     x = make_input((2, 128, 256, 256), torch.float16, layout)
     assert plan_group_norm(2, 128, 256 * 256, 32, layout == "channels_last").path == "split"
     check(x, 32, add=randn(2, 128, dtype=torch.float16), silu=True)
+
+
+@gpu_only
+def test_gpu_readme_case_channels_last():
+    """1x128x512x512 float16 channels_last in 32 groups: the launcher's split plan with several combine passes."""
+    x = make_input((1, 128, 512, 512), torch.float16, "channels_last")
+    plan = plan_group_norm(1, 128, 512 * 512, 32, True)
+    assert plan.path == "split" and plan.n_chunks > plan.combine_block_k
+    check(x, 32, add=randn(1, 128, dtype=torch.float16), silu=True)
 
 
 @gpu_only

@@ -82,6 +82,15 @@ def test_model_hash_sees_every_weight():
         next(iter(b.parameters())).view(-1)[0] += 1e-6
     assert model_sha256(a) != model_sha256(b)
     assert model_sha256(a) != model_sha256(a.to(torch.float64))
+    # every dtype a sampler holds (bfloat16 has no numpy type), 0-dim buffers, non-contiguous views
+    from fastdiff.manifest import tensor_sha256
+
+    x = torch.randn(4, 3)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int64):
+        assert tensor_sha256({"x": x.to(dtype)}) == tensor_sha256({"x": x.to(dtype).clone()})
+    assert tensor_sha256({"x": x.t()}) == tensor_sha256({"x": x.t().contiguous()}) != tensor_sha256({"x": x})
+    assert tensor_sha256({"s": torch.tensor(2.0)}) != tensor_sha256({"s": torch.tensor(3.0)})
+    assert tensor_sha256({"a": x}) != tensor_sha256({"b": x}), "names are part of the hash"
 
 
 # --------------------------------------------------------------------------------------------- the CLI

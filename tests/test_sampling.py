@@ -32,10 +32,41 @@ SCHEDULERS = {
 }
 
 
+# image_seed(s, i) as released: these are the seeds of images already generated, so they must never change.
+KNOWN_IMAGE_SEEDS = {(0, 0): 8286242343226680935, (0, 1): 3043605876323429014, (7, 3): 8655840465400278221,
+                     (1, 0): 7258340960826406041, (2**32 + 1, 0): 8480213964805160940,
+                     (2**63 + 5, 17): 3822535131125750535, (2**64 - 1, 1000): 625251923604518944}
+
+
 def test_image_seed_is_stable_and_distinct():
-    assert image_seed(0, 0) == image_seed(0, 0)
+    assert {key: image_seed(*key) for key in KNOWN_IMAGE_SEEDS} == KNOWN_IMAGE_SEEDS
     seeds = {image_seed(s, i) for s in range(4) for i in range(64)}
     assert len(seeds) == 256 and all(0 <= s < 2**63 for s in seeds)
+    assert image_seeds(7, [3]).tolist() == [image_seed(7, 3)]
+
+
+def test_every_bit_of_the_base_seed_counts():
+    """s and s + 2**32 (and s + 2**k for every other bit) are different runs: nothing truncates the seed."""
+    for s in (0, 5, 2**32 - 1, 2**40 + 3):
+        for bit in (31, 32, 33, 48, 63):
+            if s + 2**bit < 2**64:
+                assert image_seed(s, 0) != image_seed(s + 2**bit, 0), (s, bit)
+    assert not set(image_seeds(9, range(16)).tolist()) & set(image_seeds(9 + 2**32, range(16)).tolist())
+
+
+@pytest.mark.parametrize("bad", [-1, 2**64, 2**70, 1.5, True, "3", None])
+def test_seeds_outside_the_range_are_refused(bad):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+        image_seed(bad, 0)
+    with pytest.raises(ValueError, match="seed"):
+        image_seeds(bad, range(2))
+
+
+def test_generate_refuses_a_bad_seed_before_any_work(tmp_path):
+    sampler = Sampler(tiny_model(), DDIMScheduler(num_train_timesteps=100), backend="reference")
+    with pytest.raises(ValueError, match="seed"):
+        generate(sampler, num_images=2, batch_size=2, seed=-3, steps=3, out_dir=str(tmp_path / "x"), progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)

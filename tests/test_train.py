@@ -107,6 +107,35 @@ def test_resume_refuses_a_different_model_or_nothing_to_resume(tmp_path):
         train(tiny(tmp_path / "empty", steps=4, resume=True))
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_loss_is_the_ddpm_objective_written_out(prediction_type):
+    """loss_on_batch (what train() minimises) equals the DDPM objective computed here from scratch (Ho et al., 2020,
+    eq. 14; v: Salimans & Ho, 2022): mean ||target - model(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2 with
+    abar_t from the linear betas in float64, on the same draws. A model that never sees t would differ."""
+    cfg = tiny("unused", prediction_type=prediction_type)
+    torch.manual_seed(5)
+    model = UNet(cfg.unet_config(1)).eval()
+    with torch.no_grad():  # random weights everywhere (the zero-initialised output layer included)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    gen = torch.Generator().manual_seed(6)
+    x0 = torch.rand(8, 1, 8, 8, generator=gen) * 2 - 1
+    t = torch.randint(0, cfg.num_train_timesteps, (8,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+
+    betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)[t].reshape(-1, 1, 1, 1)
+    x_t = (abar.sqrt() * x0.double() + (1 - abar).sqrt() * eps.double()).float()
+    target = {"epsilon": eps, "sample": x0,
+              "v_prediction": (abar.sqrt() * eps.double() - (1 - abar).sqrt() * x0.double()).float()}[prediction_type]
+    with torch.no_grad():
+        expected = (target - model(x_t, t)).pow(2).mean().item()
+        got = loss_on_batch(model, make_scheduler(cfg), x0, t, eps, prediction_type).item()
+        blind = (target - model(x_t, t * 0)).pow(2).mean().item()
+    assert abs(blind - expected) > 1e-3 * expected, "the model must depend on t for this test to see it"
+    assert got == pytest.approx(expected, rel=1e-5), (got, expected)
+
+
 def test_training_targets_invert():
     x0, eps = torch.randn(5, 1, 4, 4), torch.randn(5, 1, 4, 4)
     abar = torch.rand(5, dtype=torch.float64) * 0.98 + 0.01
@@ -140,3 +169,116 @@ def test_bad_configs(argv, message):
 def test_cli_defaults_match_the_dataclass():
     cfg = config_from_args(build_parser().parse_args([]))
     assert cfg == TrainConfig()
+
+
+# ------------------------------------------------------------------------------- the CLI on existing runs
+TINY_CLI = ["--data", "digits", "--image-size", "8", "--n-channels", "8", "--ch-mults", "1,2", "--is-attn", "0,1",
+            "--norm-groups", "4", "--batch-size", "8", "--warmup-steps", "1", "--checkpoint-every", "2",
+            "--no-progress", "--seed", "3"]
+
+
+def _cli(argv) -> int:
+    from fastdiff.cli import main
+
+    try:
+        return main(["train", *TINY_CLI, *argv])
+    except SystemExit as exc:
+        return exc.code
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastdiff: error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def run_at_4(tmp_path, monkeypatch):
+    """A fresh folder holding a finished 4-step run in ./run."""
+    monkeypatch.chdir(tmp_path)
+    assert _cli(["--out", "run", "--steps", "4"]) == 0
+    return tmp_path / "run"
+
+
+def test_cli_refuses_to_overwrite_a_run(run_at_4, capsys):
+    before = _state(run_at_4 / "model")
+    capsys.readouterr()
+    assert _cli(["--out", "run", "--steps", "2"]) == 2
+    assert _error(capsys) == ("fastdiff: error: run already holds a training run (at step 4); continue it with "
+                              "--resume, replace it with --overwrite, or choose another --out")
+    assert _equal(_state(run_at_4 / "model"), before)
+    assert _cli(["--out", "run", "--steps", "2", "--resume", "--overwrite"]) == 2
+    assert "exclude each other" in _error(capsys)
+    # --overwrite: the old step folders go, the new run is complete on its own
+    assert _cli(["--out", "run", "--steps", "2", "--overwrite"]) == 0
+    assert sorted(os.listdir(run_at_4 / "checkpoints")) == ["latest", "step_000002"]
+    assert json.loads((run_at_4 / "model" / "config.json").read_text())["training"]["steps"] == 2
+
+
+def test_cli_resume_past_the_requested_steps_says_so(run_at_4, capsys):
+    before = _state(run_at_4 / "model")
+    capsys.readouterr()
+    assert _cli(["--out", "run", "--steps", "2", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "already at step 4, past --steps 2: nothing trained" in out and "reached step 2" not in out
+    assert _equal(_state(run_at_4 / "model"), before)
+    assert _cli(["--out", "run", "--steps", "6", "--resume"]) == 0
+    assert "reached step 6; this run (resumed from step 4)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("latest", r"run/checkpoints/latest does not name a checkpoint \(step_NNNNNN\), it holds '\\x00garbage'"),
+    ("json", r"cannot resume from run/checkpoints/step_000004/training_state\.json: Expecting"),
+    ("json-list", r"cannot resume from run/checkpoints/step_000004/training_state\.json: not a fastdiff"),
+    ("tensors", r"cannot resume from run/checkpoints/step_000004/training_state\.safetensors: .*truncated or corrupt"),
+])
+def test_cli_resume_names_the_damaged_file(run_at_4, capsys, damage, message):
+    import re
+
+    ckpt = run_at_4 / "checkpoints" / "step_000004"
+    if damage == "latest":
+        (run_at_4 / "checkpoints" / "latest").write_text("\x00garbage\n")
+    elif damage == "json":
+        (ckpt / "training_state.json").write_text("{")
+    elif damage == "json-list":
+        (ckpt / "training_state.json").write_text("[1, 2]")
+    else:
+        data = (ckpt / "training_state.safetensors").read_bytes()
+        (ckpt / "training_state.safetensors").write_bytes(data[:len(data) // 3])
+    capsys.readouterr()
+    assert _cli(["--out", "run", "--steps", "6", "--resume"]) == 2
+    line = _error(capsys)
+    assert re.search(message, line), line
+
+
+def test_stale_temporary_step_folders_are_removed_and_folders_follow_the_umask(run_at_4):
+    import stat
+
+    stale = run_at_4 / "checkpoints" / ".tmp-step_000006-abc123"
+    stale.mkdir()
+    (stale / "training_state.json").write_text("{")
+    (run_at_4 / "checkpoints" / ".latest.abcd1234.tmp").write_text("step_0")
+    (run_at_4 / "model" / ".model.safetensors.q1w2e3r4.tmp").write_bytes(b"partial")
+    old = os.umask(0o022)
+    try:
+        assert _cli(["--out", "run", "--steps", "6", "--resume"]) == 0
+    finally:
+        os.umask(old)
+    names = os.listdir(run_at_4 / "checkpoints") + os.listdir(run_at_4 / "model")
+    assert not [n for n in names if n.startswith(".")], names
+    step = run_at_4 / "checkpoints" / "step_000006"
+    assert stat.S_IMODE(os.stat(step).st_mode) == 0o755
+    for path in (step / "training_state.safetensors", step / "training_state.json",
+                 step / "model" / "model.safetensors"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+
+
+def test_cli_data_folder_with_a_file_that_is_not_an_image(tmp_path, monkeypatch, capsys):
+    from fastdiff.images import save_images
+
+    monkeypatch.chdir(tmp_path)
+    save_images(torch.rand(2, 1, 8, 8) * 2 - 1, "imgs", range(2))
+    (tmp_path / "imgs" / "notes.png").write_text("these are my notes")
+    argv = ["--out", "run", "--steps", "1", "--data", "imgs"]
+    assert _cli(argv) == 2
+    assert "cannot read image 'imgs/notes.png'" in _error(capsys)

@@ -13,6 +13,7 @@ This module also locates the files shipped next to it (``default_model/``, the d
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ DIGITS_GREY_LEVELS = 16  # load_digits pixels are integers 0..16
 DIGITS_NATIVE_SIZE = 8
 DIGITS_HELDOUT_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+SAMPLE_NAME = re.compile(r"\d{6,}\.png")  # the numbered images fastdiff sample writes
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -101,10 +103,17 @@ def load_digits(split: str = "train", image_size: int = 16, seed: int = DIGITS_S
 
 
 def list_images(folder: str) -> list[str]:
-    """Sorted paths of the image files directly inside ``folder`` (by extension)."""
+    """Sorted paths of the image files directly inside ``folder`` (by extension).
+
+    In a folder ``fastdiff sample`` wrote (numbered PNGs), its ``grid.png`` (a picture of all the others) is
+    left out.
+    """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder!r} does not exist")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    names = sorted(n for n in os.listdir(folder)
+                   if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n)))
+    if "grid.png" in names and any(SAMPLE_NAME.fullmatch(n) for n in names):
+        names.remove("grid.png")
     return [os.path.join(folder, n) for n in names]
 
 
@@ -123,8 +132,8 @@ def load_image(path: str, image_size: int, channels: int) -> torch.Tensor:
             if side != image_size:
                 im = im.resize((image_size, image_size), Image.BICUBIC)
             arr = np.asarray(im, dtype=np.float32)
-    except OSError as err:
-        raise ValueError(f"cannot read image {path!r}: {err}") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"cannot read image {path!r}: {str(err).splitlines()[0] if str(err) else err!r}") from None
     x = torch.from_numpy(arr.copy()) / 255.0 * 2.0 - 1.0
     return x.unsqueeze(0) if channels == 1 else x.permute(2, 0, 1).contiguous()
 
@@ -145,8 +154,12 @@ def load_image_folder(folder: str, image_size: int = 32, channels: int | None = 
 
         grey = True
         for p in paths:
-            with Image.open(p) as im:
-                grey &= im.mode in ("1", "L", "I", "I;16", "F")
+            try:
+                with Image.open(p) as im:
+                    grey &= im.mode in ("1", "L", "I", "I;16", "F")
+            except (OSError, SyntaxError, ValueError) as err:
+                reason = str(err).splitlines()[0] if str(err) else repr(err)
+                raise ValueError(f"cannot read image {p!r}: {reason}") from None
         channels = 1 if grey else 3
     images = torch.stack([load_image(p, image_size, channels) for p in paths])
     return ImageSet(images, None, f"folder:{os.path.basename(os.path.normpath(folder))}")
