@@ -1,7 +1,7 @@
 """``fastdiff bench kernels``: each fused op against torch eager and torch.compile, on the UNet's real shapes.
 
-Ops: GroupNorm+SiLU, GroupNorm with the time-embedding add + SiLU, plain GroupNorm, the DDPM step and the
-DDIM step. Implementations timed per case:
+Ops: GroupNorm+SiLU, GroupNorm with the time-embedding add + SiLU, plain GroupNorm, the DDPM step, the
+DDIM step and the DPM-Solver++ step. Implementations timed per case:
 
 * ``fastdiff``: the Triton kernel through ``fastdiff.ops`` with ``backend="triton"`` (CUDA only: on the CPU
   Triton runs only in its interpreter, far too slow to time, so it is reported as not run);
@@ -15,7 +15,10 @@ Byte floors (what an ideal kernel must move; GB/s = floor / median time):
 * group norm: read x once + write y once + weight and bias (+ the [N, C] time embedding), all implementations;
 * DDPM step: fastdiff reads x_t and the model output and writes x_{t-1} (its Philox noise is made in the kernel
   and costs no bytes); the peers also read their noise tensor, so their floor has 4 image-sized tensors;
-* DDIM step (eta = 0, no noise): read x_t and the model output, write x_{t-1}, all implementations.
+* DDIM step (eta = 0, no noise): read x_t and the model output, write x_{t-1}, all implementations;
+* DPM-Solver++ 2M step (``dpm_step``, a second-order step; eager: ``fastdiff.ops.dpm_reference``): read x_t, the
+  model output and the previous data prediction, write x_{t-1} and the new one, all implementations (diffusers'
+  own step, eager and compiled, is timed against the kernel by ``bench/dpm_step.py``).
 
 Each implementation's GB/s is also given as a fraction of a device-to-device copy that moves the same bytes
 (``fraction_of_copy``; measured in the same run, once per size) and of the large copy in ``limits``
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 
 from bench import common
 
-OPS = ("group_norm_silu", "group_norm_temb_silu", "group_norm", "ddpm_step", "ddim_step")
+OPS = ("group_norm_silu", "group_norm_temb_silu", "group_norm", "ddpm_step", "ddim_step", "dpm_step")
 GN_OPS = OPS[:3]
 IMPLS = ("fastdiff", "eager", "compile")
 LAYOUTS = ("nchw", "channels_last")
@@ -62,6 +65,8 @@ FLOORS = {
     "ddpm_step": "fastdiff: read x_t + read model output + write x_{t-1} (in-kernel noise costs no bytes); "
                  "eager and compile: the same plus reading their noise tensor",
     "ddim_step": "read x_t + read model output + write x_{t-1} (eta = 0: no noise; all implementations)",
+    "dpm_step": "DPM-Solver++ 2M step: read x_t + model output + previous data prediction, write x_{t-1} + the new "
+                "one (all implementations; diffusers' own step is timed by bench/dpm_step.py)",
 }
 
 # (op kind, config, channels, size, batch): "gn" cases run the three GroupNorm ops, "step" cases both steps.
@@ -130,9 +135,13 @@ class StepTables:
         self.ddpm.set_timesteps(1000, device=device)
         self.ddim = DDIMScheduler()
         self.ddim.set_timesteps(50, device=device)
+        from fastdiff.schedulers import DPMSolverMultistepScheduler
+
+        self.dpm = DPMSolverMultistepScheduler(solver_order=2)  # a middle step of 20 is second order
+        self.dpm.set_timesteps(20, device=device)
 
     def get(self, op):
-        sched = self.ddpm if op == "ddpm_step" else self.ddim
+        sched = {"ddpm_step": self.ddpm, "dpm_step": self.dpm}.get(op, self.ddim)
         index = sched.num_inference_steps // 2  # a middle step: noise_std > 0 for DDPM
         return sched, index
 
@@ -142,7 +151,7 @@ def _step_impls(op, tables: StepTables):
     from fastdiff.ops import reference
 
     sched, index = tables.get(op)
-    coeffs, streams, clip = sched.coeffs, sched.noise_streams, sched.clip_range
+    coeffs, streams, clip = sched.coeffs, sched.noise_streams, getattr(sched, "clip_range", None)
     if op == "ddpm_step":
         return {
             "fastdiff": lambda x, m, noise, seeds: ops.ddpm_step(x, m, coeffs, index, clip_range=clip, seeds=seeds,
@@ -152,6 +161,13 @@ def _step_impls(op, tables: StepTables):
             # the reference with the same Philox noise as fastdiff: the check for fastdiff's output
             "reference_seeded": lambda x, m, noise, seeds: reference.update_step(
                 x, m, coeffs, index, clip_range=clip, seeds=seeds, noise_streams=streams),
+        }
+    if op == "dpm_step":
+        from fastdiff.ops import dpm_reference
+
+        return {  # hist: the ring of 2 data predictions; the step reads slot (index - 1) % 2, writes index % 2
+            "fastdiff": lambda x, m, hist: ops.dpm_solver_step(x, m, hist, coeffs, index, backend="triton"),
+            "eager": lambda x, m, hist: dpm_reference.dpm_solver_step(x, m, hist, coeffs, index),
         }
     return {
         "fastdiff": lambda x, m: ops.ddim_step(x, m, coeffs, index, clip_range=clip, backend="triton"),
@@ -180,6 +196,10 @@ def make_inputs(op, shape, dtype, layout, device, n_sets) -> list[dict]:
             if op == "ddpm_step":
                 s["noise"] = _to_layout(torch.randn(shape, device=device, dtype=dtype), layout)
                 s["seeds"] = torch.randint(0, 2**62, (n,), device=device, dtype=torch.int64)
+            if op == "dpm_step":  # history slots in the sample's layout, one after the other
+                hist = torch.randn((2, n, *shape[2:], c) if layout == "channels_last" else (2, *shape),
+                                   device=device, dtype=dtype)
+                s["hist"] = hist.permute(0, 1, 4, 2, 3) if layout == "channels_last" else hist
         sets.append(s)
     return sets
 
@@ -192,6 +212,8 @@ def floor_bytes(op, shape, elem) -> dict:
         return {impl: b for impl in IMPLS}
     if op == "ddpm_step":
         return {"fastdiff": 3 * numel * elem, "eager": 4 * numel * elem, "compile": 4 * numel * elem}
+    if op == "dpm_step":
+        return {impl: 5 * numel * elem for impl in IMPLS}
     return {impl: 3 * numel * elem for impl in IMPLS}
 
 
@@ -232,7 +254,7 @@ def run_case(op, config, shape, dtype, layout, device, peak_copy_gbps, state, ar
         fns = {"fastdiff": _gn_fastdiff(op), "eager": _gn_eager(op)}
         check_ref = {"fastdiff": _gn_reference(op), "eager": _gn_reference(op), "compile": _gn_reference(op)}
     else:
-        keys = ("x", "m", "noise", "seeds") if op == "ddpm_step" else ("x", "m")
+        keys = {"ddpm_step": ("x", "m", "noise", "seeds"), "dpm_step": ("x", "m", "hist")}.get(op, ("x", "m"))
         step = _step_impls(op, state["tables"])
         fns = {"fastdiff": step["fastdiff"], "eager": step["eager"]}
         check_ref = {"fastdiff": step.get("reference_seeded", step["eager"]), "eager": step["eager"],

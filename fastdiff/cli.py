@@ -145,8 +145,13 @@ def _add_sample(sub):
     p = sub.add_parser("sample", help="generate images (default: the embedded digits model)")
     p.add_argument("--model", default=None, help="fastdiff checkpoint or diffusers UNet2DModel directory "
                    "(default: the embedded digits model)")
-    p.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddim", help="sampler")
-    p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (ddim: 50, ddpm: all)")
+    p.add_argument("--scheduler", choices=("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"), default="ddim",
+                   help="sampler")
+    p.add_argument("--solver-order", type=int, choices=(1, 2, 3), default=None,
+                   help="DPM-Solver order (default 2)")
+    p.add_argument("--karras", action="store_true", help="DPM-Solver: Karras et al. (2022) sigma spacing")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="denoising steps (ddim: 50, dpmsolver++: 15, ddpm: all)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--num-images", type=_positive_int, default=64, help="images to draw")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (never changes an image)")
@@ -187,20 +192,27 @@ def _run_sample(args) -> int:
         raise UsageError(f"--init-image: no such file: {args.init_image}")
     if args.scheduler == "ddpm" and args.eta:
         raise UsageError("--eta applies to --scheduler ddim only")
+    dpm = args.scheduler.endswith("dpmsolver++")
+    if dpm and args.eta:
+        raise UsageError("--eta applies to --scheduler ddim only (sde-dpmsolver++ is the stochastic DPM-Solver)")
+    if not dpm and (args.solver_order is not None or args.karras):
+        raise UsageError("--solver-order and --karras apply to --scheduler dpmsolver++ / sde-dpmsolver++ only")
+    scheduler_options = {"solver_order": args.solver_order or 2, "use_karras_sigmas": args.karras} if dpm else None
 
-    from . import distributed, images
-    from .pipeline import build_sampler, default_steps
-    from .sampling import generate
+    from . import distributed
 
     ranks = distributed.from_environment()  # one process, or this rank of a torchrun launch
     try:
-        return _sample_on(ranks, args, images, build_sampler, default_steps, generate)
+        return _sample_on(ranks, args, scheduler_options)
     finally:
         ranks.close()
 
 
-def _sample_on(ranks, args, images, build_sampler, default_steps, generate) -> int:
+def _sample_on(ranks, args, scheduler_options) -> int:
+    from . import images
     from .fileio import prepare_output_dir
+    from .pipeline import build_sampler, default_steps
+    from .sampling import generate
 
     with ranks.stage("choosing the device"):  # every rank checks its GPU before anything is written
         device = ranks.device_for(args.device)
@@ -209,7 +221,8 @@ def _sample_on(ranks, args, images, build_sampler, default_steps, generate) -> i
         prepare_output_dir(args.out, "--out")
     with ranks.stage("loading the model"):
         sampler, description = build_sampler(args.model, args.scheduler, device=device, dtype=dtype,
-                                             backend=args.backend, cuda_graphs=False if args.no_cuda_graphs else None)
+                                             backend=args.backend, cuda_graphs=False if args.no_cuda_graphs else None,
+                                             scheduler_options=scheduler_options)
         steps = args.steps or default_steps(args.scheduler, sampler)
         if steps > sampler.scheduler.num_train_timesteps:
             raise UsageError(f"--steps {steps} exceeds the model's {sampler.scheduler.num_train_timesteps} "

@@ -14,6 +14,11 @@ from .sampling import Sampler
 log = logging.getLogger("fastdiff.pipeline")
 
 DEFAULT_STEPS = {"ddim": 50}  # DDPM defaults to every training timestep
+DEFAULT_STEPS.update({"dpmsolver++": 15, "sde-dpmsolver++": 15})
+# what a DPM-Solver scheduler takes from the model's training config: the noise schedule and the prediction type
+# (sampling choices such as timestep_spacing keep DPM-Solver's own defaults)
+_DPM_TRAINED_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                     "prediction_type", "rescale_betas_zero_snr")
 
 
 def default_model_dir() -> str:
@@ -63,10 +68,16 @@ def load_model(path: str | None, device="cpu", dtype=torch.float32):
     return model, scheduler_config_for(path), description
 
 
-def make_scheduler_for(name: str, trained_config: dict, backend=None):
-    """A ``name`` ("ddpm" or "ddim") scheduler with the noise schedule the model was trained with."""
-    from .schedulers import DDIMScheduler, DDPMScheduler
+def make_scheduler_for(name: str, trained_config: dict, backend=None, **options):
+    """A ``name`` ("ddpm", "ddim", "dpmsolver++" or "sde-dpmsolver++") scheduler with the noise schedule the model was
+    trained with; ``options`` (DPM-Solver only): constructor settings such as solver_order, use_karras_sigmas."""
+    from .schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+    if name in ("dpmsolver++", "sde-dpmsolver++"):
+        trained = {k: v for k, v in trained_config.items() if k in _DPM_TRAINED_KEYS}
+        return DPMSolverMultistepScheduler(**trained, **options, algorithm_type=name, backend=backend)
+    if options:
+        raise ValueError(f"{sorted(options)} apply to the DPM-Solver schedulers only, not {name!r}")
     cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}.get(name)
     if cls is None:
         raise ValueError(f"unknown scheduler {name!r}; choose ddpm or ddim")
@@ -77,9 +88,9 @@ def make_scheduler_for(name: str, trained_config: dict, backend=None):
 
 
 def build_sampler(model_path: str | None, scheduler: str = "ddim", device="cpu", dtype=torch.float32,
-                  backend=None, cuda_graphs=None) -> tuple[Sampler, str]:
+                  backend=None, cuda_graphs=None, scheduler_options: dict | None = None) -> tuple[Sampler, str]:
     model, trained_config, description = load_model(model_path, device=device, dtype=dtype)
-    sched = make_scheduler_for(scheduler, trained_config, backend=backend)
+    sched = make_scheduler_for(scheduler, trained_config, backend=backend, **(scheduler_options or {}))
     return Sampler(model, sched, device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs), description
 
 

@@ -291,10 +291,12 @@ class Sampler:
             start = plan.scheduler.img2img_start(strength)
             if start >= plan.steps:  # strength 0: nothing to denoise
                 return init.to(self.device, self.dtype).expand(len(seeds), *shape).clone()
+            _set_begin_index(plan.scheduler, start)
             init = init.to(self.device, torch.float32).expand(len(seeds), *shape)
             t_start = plan.timesteps[start].expand(len(seeds))
             x = plan.scheduler.add_noise(init, noise, t_start)
         else:
+            _set_begin_index(plan.scheduler, 0)
             x = noise * plan.scheduler.init_noise_sigma
         x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
         if self.cuda_graphs:
@@ -312,6 +314,12 @@ def default_memory_format(device: torch.device, dtype: torch.dtype) -> torch.mem
     if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def _set_begin_index(scheduler, start: int) -> None:
+    """Multistep schedulers (DPM-Solver) warm up from the first step taken: their table is rewritten in place."""
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
 
 
 def _check_positive_int(name: str, value) -> None:

@@ -7,6 +7,8 @@ predicates say, without launching (and without Triton), why an input is unsuppor
 * ``group_norm`` (kernels/group_norm_kernels.py): y = [silu](GroupNorm(x + add)), single-pass or split statistics.
 * ``update_step`` and ``gaussian_noise`` (kernels/update_step_kernels.py): the fused DDPM/DDIM step with in-kernel
   Philox noise, and that noise on its own.
+* ``dpm_solver_step`` (kernels/dpm_solver_kernels.py): the fused DPM-Solver multistep update (history in a ring of
+  device buffers, in-kernel Philox noise for the SDE variants).
 * ``kernels/compile_check.py``: compiles every variant for sm_80/sm_90 without a GPU and reports resources.
 """
 
@@ -14,9 +16,10 @@ from __future__ import annotations
 
 import importlib
 
-from ._common import group_norm_problem, update_step_problem
+from ._common import dpm_solver_step_problem, group_norm_problem, update_step_problem
 
 __all__ = ["group_norm_problem", "group_norm", "update_step_problem", "update_step", "gaussian_noise"]
+__all__ += ["dpm_solver_step_problem", "dpm_solver_step"]
 
 
 def _module(name: str):
@@ -41,3 +44,10 @@ def gaussian_noise(seeds, stream, image_shape, *, dtype=None, out=None):
 
     return _module("update_step_kernels").gaussian_noise(seeds, stream, image_shape,
                                                  dtype=torch.float32 if dtype is None else dtype, out=out)
+
+
+def dpm_solver_step(sample, model_output, history, coeffs, step_index, *, noise=None, seeds=None, noise_streams=None,
+                    out=None):
+    """Fused DPM-Solver multistep update; see ``kernels/dpm_solver_kernels.py``."""
+    return _module("dpm_solver_kernels").dpm_solver_step(sample, model_output, history, coeffs, step_index, noise=noise,
+                                                         seeds=seeds, noise_streams=noise_streams, out=out)

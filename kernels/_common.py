@@ -105,3 +105,21 @@ def update_step_problem(sample, model_output, noise) -> str | None:
     if sample.numel() and sample[0].numel() > INT32_MAX:
         return "more than 2**31 - 1 elements per image"
     return None
+
+
+def dpm_solver_step_problem(sample, model_output, history, noise, threshold) -> str | None:
+    """Why the DPM-Solver step kernel cannot take these tensors (None when it can)."""
+    if threshold is not None:
+        return "dynamic thresholding (a per-sample quantile) runs in the reference only"
+    problem = update_step_problem(sample, model_output, noise)
+    if problem:
+        return problem
+    if history.dtype != sample.dtype or history.device != sample.device:
+        return f"history is {history.dtype} on {history.device}, sample {sample.dtype} on {sample.device}"
+    if any(layout_of(history[k]) != layout_of(sample) for k in range(history.shape[0])):
+        return "history slots must have the sample's layout"
+    if history.shape[0] > 1 and history.stride(0) != sample.numel():
+        return "history slots must be consecutive in memory"
+    if history.numel() > INT32_MAX * 2:
+        return "history too large"
+    return None

@@ -265,8 +265,41 @@ def update_step_variants() -> list[Variant]:
     return out
 
 
+def dpm_solver_variants() -> list[Variant]:
+    """The DPM-Solver step (kernels/dpm_solver_kernels.py): every noise mode, both layouts, both step forms."""
+    from .dpm_solver_kernels import FP_FUSION, NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, plan_dpm_solver_step
+
+    out = []
+    n, c, hw = STEP_SHAPE
+    for dt in DTYPES:
+        for layout in ("nchw", "channels_last"):
+            for mode, mode_name in ((NOISE_NONE, "ode"), (NOISE_TENSOR, "noise tensor"), (NOISE_PHILOX, "philox")):
+                for step_kind in ("tensor", "int"):
+                    if step_kind == "int" and (dt != torch.float16 or mode != NOISE_NONE):
+                        continue  # same code; one variant shows the int-step specialisation compiles
+                    step = dict(step_ptr=_ptr(torch.int64), step_value=0, step_from_ptr=1) if step_kind == "tensor" \
+                        else dict(step_ptr=_ptr(torch.float32), step_value=17, step_from_ptr=0)
+                    p = plan_dpm_solver_step(layout, mode == NOISE_PHILOX)
+                    philox = mode == NOISE_PHILOX
+                    args = dict(x_ptr=_ptr(dt), m_ptr=_ptr(dt), z_ptr=_ptr(dt), hist_ptr=_ptr(dt), out_ptr=_ptr(dt),
+                                coeffs_ptr=_ptr(torch.float32), **step, n_steps=20, K=3,
+                                seeds_ptr=_ptr(torch.int64 if philox else torch.float32),
+                                streams_ptr=_ptr(torch.int32 if philox else torch.float32),
+                                numel_img=c * hw, numel=n * c * hw, C=c, HW=hw)
+                    cx = dict(NOISE=mode, CL=layout == "channels_last", BLOCK=p.block)
+                    name = f"{_DTYPE_NAMES[dt]} {'cl' if layout != 'nchw' else 'nchw'} {mode_name} step:{step_kind}"
+                    s = torch.empty((), dtype=dt).element_size()
+                    # a second-order step: x, m, D_{-1} read, x_{t-1}, D written (+ a noise tensor read)
+                    roof = dict(shape=_shape_text(n, c, hw), elements=n * c * hw, loop_trips=[],
+                                programs=-(-(c * hw) // p.block) * n,
+                                bytes=(6 if mode == NOISE_TENSOR else 5) * s * n * c * hw)
+                    out.append(Variant("dpm_solver_kernels", "_dpm_step_kernel", name, args, cx, p.num_warps,
+                                       FP_FUSION, roofline=roof))
+    return out
+
+
 def all_variants() -> list[Variant]:
-    return group_norm_variants() + update_step_variants()
+    return group_norm_variants() + update_step_variants() + dpm_solver_variants()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -80,6 +80,8 @@ def expected_floor(op: str, shape, elem: int) -> dict:
         return {"fastdiff": b, "eager": b, "compile": b}
     if op == "ddpm_step":  # the peers read a noise tensor; fastdiff draws its noise in the kernel
         return {"fastdiff": 3 * numel * elem, "eager": 4 * numel * elem, "compile": 4 * numel * elem}
+    if op == "dpm_step":  # x, model output, previous data prediction read; x_{t-1} and the new one written
+        return {k: 5 * numel * elem for k in ("fastdiff", "eager", "compile")}
     return {k: 3 * numel * elem for k in ("fastdiff", "eager", "compile")}
 
 
@@ -92,8 +94,8 @@ def test_bench_kernels_cpu_quick(tmp_path):
     copy_gbps = report["limits"]["copy"]["gbps"]
     cases = report["cases"]
     assert {c["op"] for c in cases} == {"group_norm_silu", "group_norm_temb_silu", "group_norm", "ddpm_step",
-                                        "ddim_step"}
-    steps = [c["op"] in ("ddpm_step", "ddim_step") for c in cases]
+                                        "ddim_step", "dpm_step"}
+    steps = [c["op"] in ("ddpm_step", "ddim_step", "dpm_step") for c in cases]
     assert steps == sorted(steps, reverse=True), "update steps run before group norms"
     compiled = 0
     for c in cases:

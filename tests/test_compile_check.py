@@ -53,7 +53,8 @@ def test_variant_list_covers_the_engine():
     variants = compile_check.all_variants()
     names = {v.kernel for v in variants}
     assert names == {"_gn_single_kernel", "_gn_stats_kernel", "_gn_combine_kernel", "_gn_apply_kernel",
-                     "_update_step_kernel", "_update_step_cl_philox_kernel", "_gaussian_noise_kernel"}
+                     "_update_step_kernel", "_update_step_cl_philox_kernel", "_gaussian_noise_kernel",
+                     "_dpm_step_kernel"}
     labels = {(v.kernel, v.variant) for v in variants}
     assert len(labels) == len(variants), "duplicate variant labels"
     single = [v.variant for v in variants if v.kernel == "_gn_single_kernel"]

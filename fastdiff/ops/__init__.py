@@ -148,3 +148,58 @@ def attention(q, k, v, backend=None):
     from fastdiff.attention import attention as _attention
 
     return _attention(q, k, v, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DPM-Solver multistep update (fastdiff/ops/dpm_reference.py, kernels/dpm_solver_kernels.py)
+# ------------------------------------------------------------------------------------------------------------
+
+from . import dpm_reference  # noqa: E402
+from .dpm_reference import DPM_COEFFS, N_DPM_COEFFS  # noqa: E402
+
+__all__ += ["dpm_solver_step", "DPM_COEFFS", "N_DPM_COEFFS"]
+
+
+def dpm_solver_step(sample, model_output, history, coeffs, step_index, *, threshold=None, noise=None, seeds=None,
+                    noise_streams=None, backend=None):
+    """One fused DPM-Solver multistep update (see ``dpm_reference`` for the math); writes this step's converted
+    model output into ``history`` (a ring of K slots, [K, *sample.shape]) and returns x_{t-1}.
+
+    coeffs: float32 [S, 10] (``DPM_COEFFS``) on the sample's device; step_index: int or integer device tensor;
+    threshold: None or (ratio, max_value) (dynamic thresholding: reference only); noise: like sample, or ``seeds``
+    (int64 [N]) with ``noise_streams`` (int [S]) for in-kernel Philox noise, or neither.
+    """
+    _check_float("sample", sample)
+    _check_float("model_output", model_output)
+    if model_output.shape != sample.shape:
+        raise ValueError(f"dpm_solver_step: model_output shape {tuple(model_output.shape)} != sample shape "
+                         f"{tuple(sample.shape)}")
+    if not isinstance(history, torch.Tensor) or history.dim() != sample.dim() + 1 \
+            or tuple(history.shape[1:]) != tuple(sample.shape) or not 1 <= history.shape[0] <= dpm_reference.MAX_HISTORY:
+        raise ValueError(f"dpm_solver_step: history must be [K, *sample.shape] with 1 <= K <= 3, got "
+                         f"{tuple(getattr(history, 'shape', ()))} for sample {tuple(sample.shape)}")
+    if history.dtype != sample.dtype or history.device != sample.device:
+        raise ValueError(f"dpm_solver_step: history is {history.dtype} on {history.device}, sample {sample.dtype} "
+                         f"on {sample.device}")
+    if coeffs.dim() != 2 or coeffs.shape[1] != N_DPM_COEFFS:
+        raise ValueError(f"dpm_solver_step: coeffs must be [steps, {N_DPM_COEFFS}], got {tuple(coeffs.shape)}")
+    if coeffs.device != sample.device:
+        raise ValueError(f"dpm_solver_step: coeffs on {coeffs.device}, sample on {sample.device}")
+    if noise is not None and noise.shape != sample.shape:
+        raise ValueError(f"dpm_solver_step: noise shape {tuple(noise.shape)} != sample shape {tuple(sample.shape)}")
+    if noise is None and seeds is not None:
+        if seeds.dim() != 1 or seeds.shape[0] != sample.shape[0]:
+            raise ValueError(f"dpm_solver_step: need one seed per image ({sample.shape[0]}), got shape "
+                             f"{tuple(seeds.shape)}")
+        if noise_streams is None:
+            raise ValueError("dpm_solver_step: seeds given without noise_streams")
+    backend = check_backend(backend)
+    if backend != "reference":
+        problem = None
+        if backend == "triton" or sample.is_cuda:
+            problem = _kernels().dpm_solver_step_problem(sample, model_output, history, noise, threshold)
+        if use_triton("dpm_solver_step", backend, sample, problem):
+            return _kernels().dpm_solver_step(sample, model_output, history, coeffs, step_index, noise=noise,
+                                              seeds=seeds, noise_streams=noise_streams)
+    return dpm_reference.dpm_solver_step(sample, model_output, history, coeffs, step_index, threshold=threshold,
+                                         noise=noise, seeds=seeds, noise_streams=noise_streams)

@@ -1,4 +1,4 @@
-"""DDPM and DDIM schedulers, diffusers-compatible, stepping through one fused update op.
+"""DDPM, DDIM and multistep DPM-Solver(++) schedulers, diffusers-compatible, stepping through one fused update op.
 
 ``set_timesteps`` computes every coefficient on the host in float64 and stores device buffers
 (``.timesteps``, ``.coeffs`` [steps, 11] in ``fastdiff.ops.STEP_COEFFS`` order, ``.noise_streams``);
@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from .ddim import DDIMConfig, DDIMScheduler
 from .ddpm import DDPMConfig, DDPMScheduler
+from .dpm_solver import DPMSolverConfig, DPMSolverMultistepScheduler
 from .protocol import SchedulerConfig, SchedulerOutput
 
 __all__ = ["DDPMScheduler", "DDIMScheduler", "DDPMConfig", "DDIMConfig", "SchedulerConfig", "SchedulerOutput",
            "SCHEDULERS", "make_scheduler", "scheduler_from_diffusers_config"]
+__all__ += ["DPMSolverMultistepScheduler", "DPMSolverConfig"]
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+SCHEDULERS["dpmsolver++"] = DPMSolverMultistepScheduler
 _BY_DIFFUSERS_NAME = {cls.diffusers_class_name: cls for cls in SCHEDULERS.values()}
 
 
