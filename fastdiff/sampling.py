@@ -277,14 +277,16 @@ class Sampler:
                strength: float = 1.0, image_shape=None, on_step=None) -> torch.Tensor:
         """Images [len(seeds), C, H, W] in the model's output range (about [-1, 1]).
 
+        ``seeds``: one Philox seed per image (an int64 tensor, or a list of ints, e.g. ``image_seeds(s, range(n))``).
         ``init``: an image batch (1 or len(seeds) images) noised to ``strength`` and denoised from there.
         """
         _check_positive_int("steps", steps)
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
-        seeds = seeds.to(device=self.device, dtype=torch.int64)
+        seeds = _as_seed_tensor(seeds).to(self.device)
         plan = self.plan(steps, eta)
         shape = tuple(image_shape or self.image_shape)
+        init = check_init_image(init, shape)
         noise = ops.gaussian_noise(seeds, ops.INITIAL_NOISE_STREAM, shape, dtype=torch.float32, backend=self.backend)
         start = 0
         if init is not None:
@@ -320,6 +322,19 @@ def _set_begin_index(scheduler, start: int) -> None:
     """Multistep schedulers (DPM-Solver) warm up from the first step taken: their table is rewritten in place."""
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
+
+
+def _as_seed_tensor(seeds) -> torch.Tensor:
+    """``seeds`` (an integer tensor or a sequence of ints) as a non-empty int64 [N] tensor; ValueError otherwise."""
+    if not isinstance(seeds, torch.Tensor):
+        try:
+            seeds = torch.tensor(list(seeds))  # no dtype: floats must stay floats here and be refused below
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise ValueError(f"seeds must be a 1-D integer tensor or a list of ints (int64), got {seeds!r}") from None
+    if seeds.dim() != 1 or seeds.numel() == 0 or seeds.is_floating_point() or seeds.is_complex() \
+            or seeds.dtype == torch.bool:
+        raise ValueError(f"seeds must be a non-empty 1-D integer tensor, got {seeds.dtype} of shape {tuple(seeds.shape)}")
+    return seeds.to(torch.int64)
 
 
 def _check_positive_int(name: str, value) -> None:

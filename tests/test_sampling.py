@@ -322,3 +322,19 @@ def test_graph_cache_choice_reuses_only_within_2x_and_shares_one_pool(monkeypatc
     sampler.model.load_state_dict(state, assign=True)  # new tensors: every cached graph is stale
     sampler.sample(seeds[:64], steps=2)
     assert captured == [64, 31, 1, 2, 3, 64] and sampler.graph_count == 1
+
+
+def test_seeds_may_be_a_list_of_ints_and_bad_seeds_or_init_images_get_one_line_errors():
+    from tiny_models import tiny_unet
+
+    sampler = Sampler(tiny_unet(3), DDIMScheduler(num_train_timesteps=100), backend="reference")
+    seeds = image_seeds(4, range(2))
+    from_tensor = sampler.sample(seeds, steps=3)
+    from_list = sampler.sample(seeds.tolist(), steps=3)
+    assert torch.equal(from_list, from_tensor)
+    for bad in ([], [1.5, 2.0], torch.zeros(2, 2, dtype=torch.int64), torch.tensor([0.5]), "7"):
+        with pytest.raises(ValueError, match="seeds must be"):
+            sampler.sample(bad, steps=3)
+    grey = torch.zeros(1, 1, 8, 8)  # the model draws 3 channels
+    with pytest.raises(ValueError, match="init image has shape .*3 channels of 8x8"):
+        sampler.sample(seeds, steps=3, init=grey, strength=0.5)
