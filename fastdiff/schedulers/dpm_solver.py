@@ -163,7 +163,6 @@ class DPMSolverMultistepScheduler(ConfigProtocol):
 
     config_class = DPMSolverConfig
     diffusers_class_name = "DPMSolverMultistepScheduler"
-    order = 1  # model evaluations per step (diffusers' attribute of the same name)
 
     def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                  trained_betas=None, solver_order=2, prediction_type="epsilon", thresholding=False,
@@ -207,28 +206,6 @@ class DPMSolverMultistepScheduler(ConfigProtocol):
         self._table_begin = 0
         self._step_index = None
         self._histories: dict = {}
-
-    # ------------------------------------------------------------------ configuration
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.config.num_train_timesteps
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
-
-    @classmethod
-    def from_diffusers_config(cls, config: dict, backend=None):
-        """``from_config(config, backend=backend)``: build from a diffusers scheduler config dict."""
-        return cls.from_config(config, backend=backend)
-
-    def to_diffusers_config(self) -> dict:
-        """This configuration as a diffusers scheduler config dict (``_class_name`` included)."""
-        return {**self.config, "_class_name": self.diffusers_class_name}
-
-    def __repr__(self) -> str:
-        steps = f", {self.num_inference_steps} steps" if self.num_inference_steps else ""
-        return f"{type(self).__name__}({dict(self.config)}{steps})"
 
     # ------------------------------------------------------------------ set_timesteps
 

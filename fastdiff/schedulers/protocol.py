@@ -87,6 +87,16 @@ class ConfigProtocol:
 
     config_name = CONFIG_NAME
     _registry: list = []  # every scheduler class, for the keys of "compatible" configs (see from_config)
+    diffusers_class_name: str  # the diffusers class this one stands in for
+    num_inference_steps: int | None = None  # set by set_timesteps
+    order = 1  # model evaluations per step (diffusers' attribute)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.config.num_train_timesteps
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
 
     @classmethod
     def _init_keys(cls) -> list[str]:
@@ -188,3 +198,16 @@ class ConfigProtocol:
         for name in hub_options:  # diffusers' download options mean nothing for a local folder
             kwargs.pop(name, None)
         return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict, backend=None):
+        """``from_config(config, backend=backend)``: build from a diffusers scheduler config dict."""
+        return cls.from_config(config, backend=backend)
+
+    def to_diffusers_config(self) -> dict:
+        """This configuration as a plain diffusers scheduler config dict (``_class_name`` included)."""
+        return {**self.config, "_class_name": self.diffusers_class_name}
+
+    def __repr__(self) -> str:
+        steps = f", {self.num_inference_steps} steps" if self.num_inference_steps else ""
+        return f"{type(self).__name__}({dict(self.config)}{steps})"

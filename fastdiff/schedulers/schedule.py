@@ -201,7 +201,6 @@ class SchedulerBase(ConfigProtocol):
 
     config_class: type
     diffusers_class_name: str
-    order = 1  # model evaluations per step (diffusers' attribute)
     steps_without_set_timesteps = False  # True: before set_timesteps, step over every training timestep
 
     def __init_subclass__(cls, **kwargs):
@@ -249,13 +248,6 @@ class SchedulerBase(ConfigProtocol):
         self.custom_timesteps = False
         self.timesteps = torch.arange(c.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
         self._timesteps = None  # host copy of the grid the table was built for (None: no table yet)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.config.num_train_timesteps
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
 
     @property
     def clip_range(self) -> float | None:
@@ -519,17 +511,3 @@ class SchedulerBase(ConfigProtocol):
             raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before img2img_start")
         return img2img_start(self.num_inference_steps, strength)
 
-    # ------------------------------------------------------------------ configuration
-
-    @classmethod
-    def from_diffusers_config(cls, config: dict, backend=None):
-        """``from_config(config, backend=backend)``: build from a diffusers scheduler config dict."""
-        return cls.from_config(config, backend=backend)
-
-    def to_diffusers_config(self) -> dict:
-        """This configuration as a plain diffusers scheduler config dict (``_class_name`` included)."""
-        return {**self.config, "_class_name": self.diffusers_class_name}
-
-    def __repr__(self) -> str:
-        steps = f", {self.num_inference_steps} steps" if self.num_inference_steps else ""
-        return f"{type(self).__name__}({dict(self.config)}{steps})"
