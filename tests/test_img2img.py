@@ -14,18 +14,11 @@ from fastdiff import ops
 from fastdiff.sampling import Sampler, image_seeds
 from fastdiff.schedulers import DDIMScheduler, DDPMScheduler
 from fastdiff.testing import assert_close
-from fastdiff.unet import UNet, UNetConfig
+from tiny_models import tiny_unet
 
 
 def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    config = UNetConfig.classic(n_channels=8, ch_mults=(1, 2), is_attn=(False, True), n_blocks=1,
-                                image_channels=1, image_size=8, norm_num_groups=4)
-    model = UNet(config)
-    with torch.no_grad():  # random, non-trivial weights everywhere (zero-initialised layers included)
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return tiny_unet(seed, channels=1).eval()  # random weights, zero-initialised layers perturbed
 
 
 SCHEDULERS = {

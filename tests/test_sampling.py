@@ -9,18 +9,11 @@ from fastdiff import ops
 from fastdiff.sampling import LoopState, Sampler, generate, image_seed, image_seeds
 from fastdiff.schedulers import DDIMScheduler, DDPMScheduler
 from fastdiff.testing import assert_close
-from fastdiff.unet import UNet, UNetConfig
+from tiny_models import tiny_unet
 
 
 def tiny_model(seed=0, channels=1, size=8):
-    torch.manual_seed(seed)
-    config = UNetConfig.classic(n_channels=8, ch_mults=(1, 2), is_attn=(False, True), n_blocks=1,
-                                image_channels=channels, image_size=size, norm_num_groups=4)
-    model = UNet(config)
-    with torch.no_grad():  # random, non-trivial weights everywhere (zero-initialised layers included)
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return tiny_unet(seed, channels, size).eval()  # random weights, zero-initialised layers perturbed
 
 
 SCHEDULERS = {
@@ -325,8 +318,6 @@ def test_graph_cache_choice_reuses_only_within_2x_and_shares_one_pool(monkeypatc
 
 
 def test_seeds_may_be_a_list_of_ints_and_bad_seeds_or_init_images_get_one_line_errors():
-    from tiny_models import tiny_unet
-
     sampler = Sampler(tiny_unet(3), DDIMScheduler(num_train_timesteps=100), backend="reference")
     seeds = image_seeds(4, range(2))
     from_tensor = sampler.sample(seeds, steps=3)
