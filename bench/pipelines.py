@@ -44,9 +44,9 @@ SD_CONFIGS = {
 # ----------------------------------------------------------------------------------------- pipeline modes
 def _pipeline(ctx, kind: str, accelerated: bool):
     """diffusers' DDIM/DDPM pipeline over the benchmark's diffusers UNet (a copy of it when accelerated)."""
-    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 
-    from bench.sampling import SCHEDULE
+    from bench.sampling import schedule_for
 
     cache = ctx.get("pipelines")
     if cache is None or cache["model"] is not ctx["dmodel"]:  # one set per benchmark model, kept across batches
@@ -58,8 +58,10 @@ def _pipeline(ctx, kind: str, accelerated: bool):
             if "accelerated unet" not in cache:
                 cache["accelerated unet"] = copy.deepcopy(unet)  # same weights, patched in place
             unet = cache["accelerated unet"]
-        cls, sched = (DDIMPipeline, DDIMScheduler) if kind == "ddim" else (DDPMPipeline, DDPMScheduler)
-        pipe = cls(unet=unet, scheduler=sched(**SCHEDULE))
+        # DDPMPipeline's loop (set_timesteps, step with a generator) runs any scheduler without eta: DPM-Solver too
+        cls, sched = {"ddim": (DDIMPipeline, DDIMScheduler), "ddpm": (DDPMPipeline, DDPMScheduler),
+                      "dpmsolver++": (DDPMPipeline, DPMSolverMultistepScheduler)}[kind]
+        pipe = cls(unet=unet, scheduler=sched(**schedule_for(kind)))
         pipe.set_progress_bar_config(disable=True)
         if accelerated:
             import fastdiff
