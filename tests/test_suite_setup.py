@@ -7,6 +7,7 @@ tests, so what it checks is the start-up itself.
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,3 +51,21 @@ def test_missing_diffusers_is_an_error_in_ci(tmp_path):
     rc, out = run_pytest(["-p", "no_diffusers", "--collect-only", DIFFUSERS_FIRST], env_update={"CI": "true"},
                          extra_path=_block_diffusers(tmp_path))
     assert rc != 0 and "test dependencies are missing: diffusers" in out, out
+
+
+def test_a_source_checkout_imports_its_own_kernels_even_beside_an_editable_install(tmp_path):
+    """scripts/mutants.py plants bugs in a copy of the tree: that copy's kernels/ must be the one imported, not
+    the kernels/ an editable install of the original checkout maps fastdiff.kernels to."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    skip = shutil.ignore_patterns("__pycache__", "*.safetensors")
+    shutil.copytree(root / "fastdiff", tmp_path / "fastdiff", ignore=skip)
+    shutil.copytree(root / "kernels", tmp_path / "kernels", ignore=skip)
+    shutil.copy(root / "pyproject.toml", tmp_path / "pyproject.toml")
+    code = "import fastdiff.kernels as k, fastdiff.kernels.update_step_kernels as u; print(k.__file__); print(u.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    for line in out.stdout.split():
+        assert Path(line).resolve().is_relative_to(tmp_path.resolve()), out.stdout
