@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from ._common import CHANNELS_LAST, cdiv, check_out, dpm_solver_step_problem, layout_of, memory_format
-from .update_step_kernels import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, _box_muller, _integer_scalar, _philox4x32
+from .update_step_kernels import (NOISE_PHILOX, NOISE_TENSOR, _box_muller, _philox4x32, noise_mode_args,
+                                  table_step_args)
 
 N_DPM_COEFFS = 10
 FP_FUSION = False
@@ -160,39 +161,13 @@ def dpm_solver_step(sample, model_output, history, coeffs, step_index, *, noise=
     if problem:
         raise ValueError(f"dpm_solver_step: {problem}")
     device = sample.device
-    if coeffs.dim() != 2 or coeffs.shape[1] != N_DPM_COEFFS or coeffs.dtype != torch.float32:
-        raise ValueError(f"dpm_solver_step: coeffs must be float32 [steps, 10], got {coeffs.dtype} "
-                         f"{tuple(coeffs.shape)}")
-    if coeffs.device != device or not coeffs.is_contiguous():
-        raise ValueError("dpm_solver_step: coeffs must be a contiguous tensor on the sample's device")
     if history.dim() != sample.dim() + 1 or tuple(history.shape[1:]) != tuple(sample.shape) \
             or not 1 <= history.shape[0] <= 3:
         raise ValueError(f"dpm_solver_step: history must be [K, *sample.shape] with 1 <= K <= 3, got "
                          f"{tuple(history.shape)}")
-    n_steps = coeffs.shape[0]
-    if isinstance(step_index, torch.Tensor):
-        _integer_scalar(step_index, "step_index", device)
-        step_ptr, step_value, step_from_ptr = step_index, 0, 1
-    else:
-        step = int(step_index)
-        if not -n_steps <= step < n_steps:
-            raise ValueError(f"dpm_solver_step: step_index {step} outside a table of {n_steps} steps")
-        step_ptr, step_value, step_from_ptr = coeffs, step % n_steps, 0
-    if noise is not None:
-        mode = NOISE_TENSOR
-    elif seeds is not None:
-        mode = NOISE_PHILOX
-        if noise_streams is None:
-            raise ValueError("dpm_solver_step: seeds given without noise_streams")
-        if (seeds.dtype != torch.int64 or seeds.dim() != 1 or seeds.shape[0] != sample.shape[0]
-                or seeds.device != device):
-            raise ValueError(f"dpm_solver_step: seeds must be int64 [{sample.shape[0]}] on {device}")
-        if (noise_streams.dtype not in (torch.int32, torch.int64) or noise_streams.dim() != 1
-                or noise_streams.shape[0] != n_steps or noise_streams.device != device):
-            raise ValueError(f"dpm_solver_step: noise_streams must be int32/int64 [{n_steps}] on {device}")
-        seeds, noise_streams = seeds.contiguous(), noise_streams.contiguous()
-    else:
-        mode = NOISE_NONE
+    step_ptr, step_value, step_from_ptr, n_steps = table_step_args("dpm_solver_step", coeffs, N_DPM_COEFFS,
+                                                                   step_index, device)
+    mode, seeds, noise_streams = noise_mode_args("dpm_solver_step", sample, noise, seeds, noise_streams, n_steps)
     layout = layout_of(sample)
     if out is None:
         out = torch.empty(sample.shape, dtype=sample.dtype, device=device, memory_format=memory_format(layout))

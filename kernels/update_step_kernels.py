@@ -405,6 +405,44 @@ def _integer_scalar(t: torch.Tensor, name: str, device) -> None:
         raise ValueError(f"{name} is on {t.device}, expected {device}")
 
 
+def table_step_args(op: str, coeffs: torch.Tensor, n_cols: int, step_index, device):
+    """(step_ptr, step_value, step_from_ptr, n_steps) for a kernel reading row ``step_index`` of ``coeffs``.
+
+    ``coeffs`` must be a contiguous float32 [steps, n_cols] table on ``device``; ``step_index`` an int (checked
+    against the table here) or an integer device scalar (read by the kernel: a wrong one gives a NaN row).
+    """
+    if coeffs.dim() != 2 or coeffs.shape[1] != n_cols or coeffs.dtype != torch.float32:
+        raise ValueError(f"{op}: coeffs must be float32 [steps, {n_cols}], got {coeffs.dtype} {tuple(coeffs.shape)}")
+    if coeffs.device != device or not coeffs.is_contiguous():
+        raise ValueError(f"{op}: coeffs must be a contiguous tensor on the sample's device")
+    n_steps = coeffs.shape[0]
+    if isinstance(step_index, torch.Tensor):
+        _integer_scalar(step_index, "step_index", device)
+        return step_index, 0, 1, n_steps
+    step = int(step_index)
+    if not -n_steps <= step < n_steps:
+        raise ValueError(f"{op}: step_index {step} outside a table of {n_steps} steps")
+    return coeffs, step % n_steps, 0, n_steps
+
+
+def noise_mode_args(op: str, sample: torch.Tensor, noise, seeds, noise_streams, n_steps: int):
+    """(mode, seeds, noise_streams): NOISE_TENSOR with ``noise``, NOISE_PHILOX with per-image ``seeds`` and the
+    table's ``noise_streams`` (checked, made unit-stride), else NOISE_NONE."""
+    if noise is not None:
+        return NOISE_TENSOR, seeds, noise_streams
+    if seeds is None:
+        return NOISE_NONE, seeds, noise_streams
+    device = sample.device
+    if noise_streams is None:
+        raise ValueError(f"{op}: seeds given without noise_streams")
+    if seeds.dtype != torch.int64 or seeds.dim() != 1 or seeds.shape[0] != sample.shape[0] or seeds.device != device:
+        raise ValueError(f"{op}: seeds must be int64 [{sample.shape[0]}] on {device}")
+    if (noise_streams.dtype not in (torch.int32, torch.int64) or noise_streams.dim() != 1
+            or noise_streams.shape[0] != n_steps or noise_streams.device != device):
+        raise ValueError(f"{op}: noise_streams must be int32/int64 [{n_steps}] on {device}")
+    return NOISE_PHILOX, seeds.contiguous(), noise_streams.contiguous()  # read at unit stride
+
+
 def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, noise=None, seeds=None,
                 noise_streams=None, out=None):
     """Fused update step (see module docstring); same contract as ``fastdiff.ops.reference.update_step``.
@@ -415,34 +453,9 @@ def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, no
     if problem:
         raise ValueError(f"update_step: {problem}")
     device = sample.device
-    if coeffs.dim() != 2 or coeffs.shape[1] != N_STEP_COEFFS or coeffs.dtype != torch.float32:
-        raise ValueError(f"update_step: coeffs must be float32 [steps, {N_STEP_COEFFS}], got {coeffs.dtype} {tuple(coeffs.shape)}")
-    if coeffs.device != device or not coeffs.is_contiguous():
-        raise ValueError("update_step: coeffs must be a contiguous tensor on the sample's device")
-    n_steps = coeffs.shape[0]
-    if isinstance(step_index, torch.Tensor):
-        _integer_scalar(step_index, "step_index", device)
-        step_ptr, step_value, step_from_ptr = step_index, 0, 1
-    else:
-        step = int(step_index)
-        if not -n_steps <= step < n_steps:
-            raise ValueError(f"update_step: step_index {step} outside a table of {n_steps} steps")
-        step_ptr, step_value, step_from_ptr = coeffs, step % n_steps, 0
-    if noise is not None:
-        mode = NOISE_TENSOR
-    elif seeds is not None:
-        mode = NOISE_PHILOX
-        if noise_streams is None:
-            raise ValueError("update_step: seeds given without noise_streams")
-        if (seeds.dtype != torch.int64 or seeds.dim() != 1 or seeds.shape[0] != sample.shape[0]
-                or seeds.device != device):
-            raise ValueError(f"update_step: seeds must be int64 [{sample.shape[0]}] on {device}")
-        if (noise_streams.dtype not in (torch.int32, torch.int64) or noise_streams.dim() != 1
-                or noise_streams.shape[0] != n_steps or noise_streams.device != device):
-            raise ValueError(f"update_step: noise_streams must be int32/int64 [{n_steps}] on {device}")
-        seeds, noise_streams = seeds.contiguous(), noise_streams.contiguous()  # read at unit stride
-    else:
-        mode = NOISE_NONE
+    step_ptr, step_value, step_from_ptr, n_steps = table_step_args("update_step", coeffs, N_STEP_COEFFS, step_index,
+                                                                   device)
+    mode, seeds, noise_streams = noise_mode_args("update_step", sample, noise, seeds, noise_streams, n_steps)
     if clip_range is None:
         clip_lo, clip_hi = float("-inf"), float("inf")
     else:
