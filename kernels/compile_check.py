@@ -267,7 +267,8 @@ def update_step_variants() -> list[Variant]:
 
 def dpm_solver_variants() -> list[Variant]:
     """The DPM-Solver step (kernels/dpm_solver_kernels.py): every noise mode, both layouts, both step forms."""
-    from .dpm_solver_kernels import FP_FUSION, NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, plan_dpm_solver_step
+    from .dpm_solver_kernels import FP_FUSION, plan_dpm_solver_step
+    from .update_step_kernels import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR
 
     out = []
     n, c, hw = STEP_SHAPE
