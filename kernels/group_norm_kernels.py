@@ -5,7 +5,8 @@ elements h = x + add[n, c] (add broadcast over the spatial dims),
 
     mean = E[h],  var = E[(h - mean)^2]  (biased, float32),  y = (h - mean) / sqrt(var + eps) * weight[c] + bias[c]
 
-then optionally y = y * sigmoid(y). ``x + add`` is never written to memory: every pass that reads x adds it.
+then optionally y = y * sigmoid(y). ``x + add`` is never written to memory: the statistics add it (the single
+path as sum(x) + HW * sum(add)) and the output subtracts mean - add from x.
 
 A group is addressed as a [channels of the group, pixels] array: NCHW-contiguous puts pixels at stride 1 and
 channels at stride HW; channels_last puts channels at stride 1 and pixels at stride C. Tiles are
@@ -118,13 +119,16 @@ def _gn_single_kernel(
     else:
         offs = ch[:, None] * HW + pix[None, :]
     offs = n.to(tl.int64) * C * HW + offs
-    h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_ADD:
-        a = tl.load(add_ptr + n * add_stride_n + ch, mask=cmask, other=0.0).to(tl.float32)
-        h = tl.where(mask, h + a[:, None], 0.0)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     count = HW * 1.0 * CPG
-    mean = _sum2d(h, CL) / count
-    d = tl.where(mask, h - mean, 0.0)
+    if HAS_ADD:  # sum(h) = sum(x) + HW * sum(add), and h - mean = x - (mean - add): x + add is never formed
+        a = tl.load(add_ptr + n * add_stride_n + ch, mask=cmask, other=0.0).to(tl.float32)
+        mean = (_sum2d(x, CL) + tl.sum(a, axis=0) * HW) / count
+        centre = mean - a
+    else:
+        mean = _sum2d(x, CL) / count
+        centre = tl.zeros([BLOCK_C], tl.float32) + mean
+    d = tl.where(mask, x - centre[:, None], 0.0)
     var = _sum2d(d * d, CL) / count
     rstd = 1.0 / tl.sqrt_rn(var + eps)
     scale, shift = _affine(w_ptr, b_ptr, ch, cmask, rstd, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
