@@ -246,7 +246,7 @@ def update_step_variants() -> list[Variant]:
                 args = dict(x_ptr=_ptr(dt), m_ptr=_ptr(dt), out_ptr=_ptr(dt), coeffs_ptr=_ptr(torch.float32), **step,
                             n_steps=n_steps, seeds_ptr=_ptr(torch.int64), streams_ptr=_ptr(torch.int64),
                             clip_lo=-1.0, clip_hi=1.0, C=cl_c, HW=cl_hw)
-                cx = dict(QUADS=p.quads, BLOCK_P=p.block_p, BLOCK_C=p.block_c)
+                cx = dict(QUADS=p.quads, BLOCK_P=p.block_p, BLOCK_C=p.block_c, FULL_C=p.full_c)
                 units = cl_philox_quads(cl_hw, p.quads)  # pixel quads along the grid's first axis
                 roof = dict(shape=_shape_text(cl_n, cl_c, cl_hw), elements=cl_n * cl_c * cl_hw, loop_trips=[],
                             programs=-(-units // p.block_p) * -(-cl_c // p.block_c) * cl_n,

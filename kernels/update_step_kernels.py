@@ -305,6 +305,7 @@ def _update_step_cl_philox_kernel(
     QUADS: tl.constexpr,  # True when HW % 4 == 0: one Philox call per (channel, 4 pixels)
     BLOCK_P: tl.constexpr,  # pixels per program (QUADS: pixel quads per program)
     BLOCK_C: tl.constexpr,  # channels per program
+    FULL_C: tl.constexpr,  # C % BLOCK_C == 0: every channel of every tile is real (no channel mask)
 ):
     """Update step with Philox noise on channels_last tensors; noise indexed by the logical NCHW index.
 
@@ -325,7 +326,10 @@ def _update_step_cl_philox_kernel(
     base = img.to(tl.int64) * C * HW
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     quad = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    cmask = ch < C
+    if FULL_C:  # constant along channels, so loads and stores stay whole vectors
+        cmask = tl.full([BLOCK_C], 1, tl.int1)
+    else:
+        cmask = ch < C
     if QUADS:
         counter = (ch[None, :] * (HW // 4) + quad[:, None]).to(tl.uint32)
         pix = quad[:, None] * 4 + tl.zeros([1, BLOCK_C], tl.int32)  # lane-0 pixel of each quad
@@ -384,6 +388,7 @@ class StepPlan:
     block_c: int  # cl_philox: channels per program
     quads: bool  # cl_philox: HW % 4 == 0
     num_warps: int
+    full_c: bool = False  # cl_philox: C % block_c == 0 (no channel mask, so stores vectorise along channels)
 
 
 def plan_update_step(c: int, hw: int, layout: str, philox: bool) -> StepPlan:
@@ -393,7 +398,7 @@ def plan_update_step(c: int, hw: int, layout: str, philox: bool) -> StepPlan:
         quads = hw % 4 == 0
         # 1024 elements per program: 4 sub-tiles of block_p quads * block_c channels
         block_p = max(1, 1024 // block_c)
-        return StepPlan("cl_philox", 0, block_p, block_c, quads, 4)
+        return StepPlan("cl_philox", 0, block_p, block_c, quads, 4, c % block_c == 0)
     # 16 elements a thread: amortises the per-program coefficient loads and index math (fewer instructions
     # per element matter once Philox and Box-Muller are in the loop)
     return StepPlan("flat", 2048, 0, 0, False, 4)
@@ -480,7 +485,7 @@ def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, no
         grid = (p_programs, cdiv(c, plan.block_c), n)
         _update_step_cl_philox_kernel[grid](
             sample, model_output, out, coeffs, step_ptr, step_value, step_from_ptr, n_steps, seeds_arg, streams_arg,
-            clip_lo, clip_hi, c, hw, QUADS=plan.quads, BLOCK_P=plan.block_p, BLOCK_C=plan.block_c,
+            clip_lo, clip_hi, c, hw, QUADS=plan.quads, BLOCK_P=plan.block_p, BLOCK_C=plan.block_c, FULL_C=plan.full_c,
             num_warps=plan.num_warps, num_stages=1, enable_fp_fusion=FP_FUSION)
     else:
         grid = (cdiv(numel_img, plan.block), n)

@@ -124,10 +124,11 @@ def test_philox_path_shortcuts_are_exact(variant):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("noise_mode", ["none", "tensor", "philox"])
 def test_dtypes_layouts_noise(dtype, layout, noise_mode):
-    """7x5 maps (numel per image 105, not a multiple of 4; channels_last takes the unaligned-quads Philox path)
-    and 8x8 maps (channels_last Philox by pixel quads)."""
+    """7x5 maps (numel per image 105, not a multiple of 4; channels_last takes the unaligned-quads Philox path),
+    8x8 maps (channels_last Philox by pixel quads) and 5x7 maps with 4 channels (unaligned quads, every channel
+    tile full: no channel mask). C = 4 fills its channel tile, C = 3 does not."""
     coeffs = table("ddim", "epsilon", 1.0)
-    for i, shape in enumerate([(3, 3, 7, 5), (2, 4, 8, 8)]):
+    for i, shape in enumerate([(3, 3, 7, 5), (2, 4, 8, 8), (2, 4, 5, 7)]):
         x, m = make(shape, dtype, layout), make(shape, dtype, layout)
         step = 2 if i == 0 else torch.tensor(1, dtype=torch.int32, device=DEVICE)
         run_both(x, m, coeffs, step, noise_mode, clip=1.0 if i == 1 else None)
