@@ -124,7 +124,7 @@ def _signature(fn, args: dict, constexprs: dict):
 # Representative shapes, also the roofline's large shapes (each 256 MiB or more in float16): the largest group
 # the single path takes (256 channels, 32 groups, 32x32) at batch 512; a 16x128x256x256 activation for the split
 # path; a 64x3x512x512 batch of images for the update step and the noise (channels_last: 4 channels with
-# HW % 4 == 0, 3 channels with odd HW for the per-element path).
+# HW % 4 == 0, 3 channels with odd HW for the unaligned-quads path).
 GN_SINGLE_SHAPE = (512, 256, 32 * 32, 32)
 GN_SPLIT_SHAPE = (16, 128, 256 * 256, 32)
 STEP_SHAPE = (64, 3, 512 * 512)
@@ -211,7 +211,8 @@ def group_norm_variants() -> list[Variant]:
 
 
 def update_step_variants() -> list[Variant]:
-    from .update_step_kernels import FP_FUSION, NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, plan_gaussian_noise, plan_update_step
+    from .update_step_kernels import (FP_FUSION, NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, cl_philox_quads,
+                                      plan_gaussian_noise, plan_update_step)
 
     out = []
     n, c, hw = STEP_SHAPE
@@ -245,13 +246,13 @@ def update_step_variants() -> list[Variant]:
                 args = dict(x_ptr=_ptr(dt), m_ptr=_ptr(dt), out_ptr=_ptr(dt), coeffs_ptr=_ptr(torch.float32), **step,
                             n_steps=n_steps, seeds_ptr=_ptr(torch.int64), streams_ptr=_ptr(torch.int64),
                             clip_lo=-1.0, clip_hi=1.0, C=cl_c, HW=cl_hw)
-                cx = dict(QUADS=p.quads, BLOCK_P=p.block_p, BLOCK_C=p.block_c)
-                units = cl_hw // 4 if p.quads else cl_hw  # pixel quads or pixels along the grid's first axis
+                cx = dict(QUADS=p.quads, BLOCK_P=p.block_p, BLOCK_C=p.block_c, FULL_C=p.full_c)
+                units = cl_philox_quads(cl_hw, p.quads)  # pixel quads along the grid's first axis
                 roof = dict(shape=_shape_text(cl_n, cl_c, cl_hw), elements=cl_n * cl_c * cl_hw, loop_trips=[],
                             programs=-(-units // p.block_p) * -(-cl_c // p.block_c) * cl_n,
                             bytes=3 * s * cl_n * cl_c * cl_hw)
                 out.append(Variant("update_step_kernels", "_update_step_cl_philox_kernel",
-                                   f"{d} cl philox {'quads' if p.quads else 'per-element'} step:{step_kind}", args, cx,
+                                   f"{d} cl philox {'quads' if p.quads else 'unaligned'} step:{step_kind}", args, cx,
                                    p.num_warps, FP_FUSION, roofline=roof))
         p = plan_gaussian_noise()
         for stream_kind in ("int", "tensor"):

@@ -220,6 +220,15 @@ def _update_tile(x_ptr, m_ptr, out_ptr, offs, mask, z, c, clip_lo, clip_hi):
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, k: tl.constexpr, C, HW, mask, z, c, clip_lo, clip_hi,
+                 QUADS: tl.constexpr):
+    """Lane k of the channels_last quads: pixel pix + k (offsets offs + k * C) with noise z."""
+    if not QUADS:
+        mask = mask & (pix + k >= 0) & (pix + k < HW)
+    _update_tile(x_ptr, m_ptr, out_ptr, offs + k * C, mask, z, c, clip_lo, clip_hi)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
@@ -296,13 +305,16 @@ def _update_step_cl_philox_kernel(
     QUADS: tl.constexpr,  # True when HW % 4 == 0: one Philox call per (channel, 4 pixels)
     BLOCK_P: tl.constexpr,  # pixels per program (QUADS: pixel quads per program)
     BLOCK_C: tl.constexpr,  # channels per program
+    FULL_C: tl.constexpr,  # C % BLOCK_C == 0: every channel of every tile is real (no channel mask)
 ):
     """Update step with Philox noise on channels_last tensors; noise indexed by the logical NCHW index.
 
-    Element (c, p) of an image has logical index e = c * HW + p. With HW % 4 == 0 the four pixels 4q..4q+3 of a
-    channel share counter c * HW / 4 + q, so the program draws noise for a [quads, channels] tile once and
-    updates four [quads, channels] sub-tiles (pixel 4q + k takes n_k), each loaded along contiguous channels.
-    Otherwise each element draws its own counter e // 4 and takes n[e % 4] (four times the Philox work).
+    Element (c, p) of an image has logical index e = c * HW + p and takes n[e % 4] of Philox counter e // 4.
+    Channel c's pixels group into quads aligned to its logical index: with s_c = (c * HW) % 4, quad q of channel c
+    holds pixels 4q - s_c .. 4q - s_c + 3 (those inside [0, HW)), whose counter is (c * HW) // 4 + q and whose
+    lane k takes n_k. The program draws noise for a [quads, channels] tile once and updates four
+    [quads, channels] sub-tiles (lane k), each along contiguous channels: one Philox call per four elements for
+    every HW. QUADS (HW % 4 == 0) makes every s_c zero at compile time, so the sub-tiles load whole vectors.
     Bytes per element: reads 2 * s (x, m), writes s (float16: 6 bytes).
     """
     pid_p = tl.program_id(0)
@@ -313,29 +325,28 @@ def _update_step_cl_philox_kernel(
     seed = tl.load(seeds_ptr + img)
     base = img.to(tl.int64) * C * HW
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    if QUADS:
-        quad = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask = (quad[:, None] < HW // 4) & (ch[None, :] < C)
-        counter = (ch[None, :] * (HW // 4) + quad[:, None]).to(tl.uint32)
-        n0, n1, n2, n3 = _normal4(counter, stream, seed)
-        pix = quad * 4
-        offs = pix[:, None] * C + ch[None, :]
-        _update_tile(x_ptr, m_ptr, out_ptr, base + offs, mask, n0, c, clip_lo, clip_hi)  # pixel 4q
-        _update_tile(x_ptr, m_ptr, out_ptr, base + offs + C, mask, n1, c, clip_lo, clip_hi)  # pixel 4q + 1
-        _update_tile(x_ptr, m_ptr, out_ptr, base + offs + 2 * C, mask, n2, c, clip_lo, clip_hi)  # pixel 4q + 2
-        _update_tile(x_ptr, m_ptr, out_ptr, base + offs + 3 * C, mask, n3, c, clip_lo, clip_hi)  # pixel 4q + 3
+    quad = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    if FULL_C:  # constant along channels, so loads and stores stay whole vectors
+        cmask = tl.full([BLOCK_C], 1, tl.int1)
     else:
-        pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask = (pix[:, None] < HW) & (ch[None, :] < C)
-        e = ch[None, :] * HW + pix[:, None]  # logical NCHW index inside the image
-        n0, n1, n2, n3 = _normal4((e >> 2).to(tl.uint32), stream, seed)
-        lane = e & 3
-        z = tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
-        offs = pix[:, None] * C + ch[None, :]
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        y = _update(x, m, z, c, clip_lo, clip_hi, 2, False)
-        tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        cmask = ch < C
+    if QUADS:
+        counter = (ch[None, :] * (HW // 4) + quad[:, None]).to(tl.uint32)
+        pix = quad[:, None] * 4 + tl.zeros([1, BLOCK_C], tl.int32)  # lane-0 pixel of each quad
+    else:
+        first = ch * HW  # logical index of each channel's pixel 0
+        counter = ((first >> 2)[None, :] + quad[:, None]).to(tl.uint32)
+        pix = quad[:, None] * 4 - (first & 3)[None, :]
+    n0, n1, n2, n3 = _normal4(counter, stream, seed)
+    if QUADS:
+        mask = (quad[:, None] < HW // 4) & cmask[None, :]
+    else:
+        mask = cmask[None, :]  # _update_lane adds 0 <= pixel < HW
+    offs = base + pix * C + ch[None, :]
+    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 0, C, HW, mask, n0, c, clip_lo, clip_hi, QUADS)
+    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 1, C, HW, mask, n1, c, clip_lo, clip_hi, QUADS)
+    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 2, C, HW, mask, n2, c, clip_lo, clip_hi, QUADS)
+    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 3, C, HW, mask, n3, c, clip_lo, clip_hi, QUADS)
 
 
 @triton.jit
@@ -377,6 +388,7 @@ class StepPlan:
     block_c: int  # cl_philox: channels per program
     quads: bool  # cl_philox: HW % 4 == 0
     num_warps: int
+    full_c: bool = False  # cl_philox: C % block_c == 0 (no channel mask, so stores vectorise along channels)
 
 
 def plan_update_step(c: int, hw: int, layout: str, philox: bool) -> StepPlan:
@@ -384,12 +396,18 @@ def plan_update_step(c: int, hw: int, layout: str, philox: bool) -> StepPlan:
     if layout == CHANNELS_LAST and philox:
         block_c = min(next_pow2(c), 64)
         quads = hw % 4 == 0
-        # 1024 elements per program either way (quads: 4 sub-tiles of block_p * block_c)
-        block_p = max(1, (256 if quads else 1024) // block_c)
-        return StepPlan("cl_philox", 0, block_p, block_c, quads, 4)
+        # 1024 elements per program: 4 sub-tiles of block_p quads * block_c channels
+        block_p = max(1, 1024 // block_c)
+        return StepPlan("cl_philox", 0, block_p, block_c, quads, 4, c % block_c == 0)
     # 16 elements a thread: amortises the per-program coefficient loads and index math (fewer instructions
     # per element matter once Philox and Box-Muller are in the loop)
     return StepPlan("flat", 2048, 0, 0, False, 4)
+
+
+def cl_philox_quads(hw: int, quads: bool) -> int:
+    """Pixel quads per channel the channels_last Philox kernel walks: HW / 4, or with HW % 4 != 0 enough to cover
+    pixels -3 .. HW - 1 (a channel's quads start up to 3 pixels before its pixel 0)."""
+    return hw // 4 if quads else cdiv(hw + 3, 4)
 
 
 def plan_gaussian_noise() -> StepPlan:
@@ -476,11 +494,11 @@ def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, no
     seeds_arg = seeds if mode == NOISE_PHILOX else coeffs
     streams_arg = noise_streams if mode == NOISE_PHILOX else coeffs
     if plan.kernel == "cl_philox":
-        p_programs = cdiv(hw // 4 if plan.quads else hw, plan.block_p)
+        p_programs = cdiv(cl_philox_quads(hw, plan.quads), plan.block_p)
         grid = (p_programs, cdiv(c, plan.block_c), n)
         _update_step_cl_philox_kernel[grid](
             sample, model_output, out, coeffs, step_ptr, step_value, step_from_ptr, n_steps, seeds_arg, streams_arg,
-            clip_lo, clip_hi, c, hw, QUADS=plan.quads, BLOCK_P=plan.block_p, BLOCK_C=plan.block_c,
+            clip_lo, clip_hi, c, hw, QUADS=plan.quads, BLOCK_P=plan.block_p, BLOCK_C=plan.block_c, FULL_C=plan.full_c,
             num_warps=plan.num_warps, num_stages=1, enable_fp_fusion=FP_FUSION)
     else:
         grid = (cdiv(numel_img, plan.block), n)

@@ -124,10 +124,11 @@ def test_philox_path_shortcuts_are_exact(variant):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("noise_mode", ["none", "tensor", "philox"])
 def test_dtypes_layouts_noise(dtype, layout, noise_mode):
-    """7x5 maps (numel per image 105, not a multiple of 4; channels_last takes the per-element Philox path)
-    and 8x8 maps (channels_last Philox by pixel quads)."""
+    """7x5 maps (numel per image 105, not a multiple of 4; channels_last takes the unaligned-quads Philox path),
+    8x8 maps (channels_last Philox by pixel quads) and 5x7 maps with 4 channels (unaligned quads, every channel
+    tile full: no channel mask). C = 4 fills its channel tile, C = 3 does not."""
     coeffs = table("ddim", "epsilon", 1.0)
-    for i, shape in enumerate([(3, 3, 7, 5), (2, 4, 8, 8)]):
+    for i, shape in enumerate([(3, 3, 7, 5), (2, 4, 8, 8), (2, 4, 5, 7)]):
         x, m = make(shape, dtype, layout), make(shape, dtype, layout)
         step = 2 if i == 0 else torch.tensor(1, dtype=torch.int32, device=DEVICE)
         run_both(x, m, coeffs, step, noise_mode, clip=1.0 if i == 1 else None)
@@ -159,24 +160,24 @@ def test_full_matrix(dtype, layout, noise_mode, clip, step_kind):
 # (shape, layout): every image spans several programs in each grid dimension of its kernel (checked below).
 # NCHW / noise-free / noise-tensor steps run the flat kernel (2048 elements a program): 3 x 41 x 37 = 4551
 # elements an image is 3 programs, the last one partial. channels_last Philox runs the tile kernel (64 channels
-# a program): C = 67 is 2 channel programs; 6 x 6 (36 pixels, 9 quads of 4 per 4-quad program) and 7 x 5
-# (35 pixels, 16 a program) are 3 pixel programs each, quads and per-element paths; C = 3 with 24 x 24 and
-# 23 x 25 gives 3 pixel programs of the small-C plan.
+# and 16 pixel quads a program, or 4 channels and 256 quads for C = 3): C = 67 is 2 channel programs; 12 x 12
+# (36 quads) and 11 x 13 (143 pixels: a channel's quads start up to 3 pixels early, 37 quads) are 3 pixel programs
+# each, quads and unaligned paths; C = 3 with 48 x 48 (576 quads) and 47 x 49 (577 quads) gives 3 pixel programs
+# of the small-C plan.
 MULTI_PROGRAM_SHAPES = {
     "nchw": [(2, 3, 41, 37)],
-    "channels_last": [(2, 67, 6, 6), (2, 67, 7, 5), (2, 3, 24, 24), (2, 3, 23, 25)],
+    "channels_last": [(2, 67, 12, 12), (2, 67, 11, 13), (2, 3, 48, 48), (2, 3, 47, 49)],
 }
 
 
 def programs_per_image(shape, layout, philox):
     """Programs per image along each grid dimension but the image one, from the launcher's own plan."""
-    from fastdiff.kernels.update_step_kernels import plan_update_step
+    from fastdiff.kernels.update_step_kernels import cl_philox_quads, plan_update_step
 
     _, c, h, w = shape
     plan = plan_update_step(c, h * w, layout, philox)
     if plan.kernel == "cl_philox":
-        pixels = h * w // 4 if plan.quads else h * w
-        return [-(-pixels // plan.block_p), -(-c // plan.block_c)]
+        return [-(-cl_philox_quads(h * w, plan.quads) // plan.block_p), -(-c // plan.block_c)]
     return [-(-c * h * w // plan.block)]
 
 
