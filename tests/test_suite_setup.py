@@ -5,6 +5,7 @@ tests, so what it checks is the start-up itself.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -50,3 +51,13 @@ def test_missing_diffusers_is_an_error_in_ci(tmp_path):
     rc, out = run_pytest(["-p", "no_diffusers", "--collect-only", DIFFUSERS_FIRST], env_update={"CI": "true"},
                          extra_path=_block_diffusers(tmp_path))
     assert rc != 0 and "test dependencies are missing: diffusers" in out, out
+
+
+def test_dependency_table_matches_the_test_extra():
+    """conftest's TEST_DEPENDENCIES lists pyproject.toml's [test] extra (pytest and its plugins aside)."""
+    from conftest import TEST_DEPENDENCIES
+
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        block = re.search(r"^test = \[(.*?)^\]", f.read(), re.S | re.M).group(1)
+    extra = {re.match(r"[A-Za-z0-9_.-]+", name).group(0) for name in re.findall(r'"([^"]+)"', block)}
+    assert extra - {"pytest", "pytest-xdist"} == set(TEST_DEPENDENCIES.values())
