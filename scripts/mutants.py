@@ -108,7 +108,8 @@ MUTANTS = [
            ("tests/test_bench.py", "-k", "known_duration")),
     # Seeds
     Mutant("seed-32", "base seed truncated to 32 bits",
-           (Edit("fastdiff/sampling.py", "    seed = check_seed(seed)\n", "    seed = check_seed(seed) & 0xFFFFFFFF\n"),),
+           (Edit("fastdiff/sampling.py", "    seed = check_seed(seed)\n",
+                 "    seed = check_seed(seed) & 0xFFFFFFFF\n"),),
            ("tests/test_sampling.py", "tests/test_cli.py", "-k", "seed")),
 ]
 

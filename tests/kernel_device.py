@@ -64,15 +64,13 @@ INTERPRETED = DEVICE == "cpu"
 # lane errs by O(1), so the looser GPU bound loses no power.
 PHILOX_F32_RTOL = 1e-6 if INTERPRETED else 2e-6
 
-_TRITON_PREIMPORTED = "triton" in sys.modules
 import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
 import triton.language  # noqa: E402
 
 if isinstance(triton.language.random.randint4x, triton.runtime.JITFunction) == INTERPRETED:
     raise RuntimeError(
         f"triton was imported {'without' if INTERPRETED else 'under'} TRITON_INTERPRET before tests/kernel_device.py "
-        f"chose {DEVICE!r} (imported already: {_TRITON_PREIMPORTED}); tests/conftest.py must import kernel_device "
-        "before anything imports triton")
+        f"chose {DEVICE!r}; tests/conftest.py must import kernel_device before anything imports triton")
 
 for _name, _kernel in _KERNEL_MODULES.items():
     _already = _name in sys.modules

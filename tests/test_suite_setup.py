@@ -5,15 +5,18 @@ tests, so what it checks is the start-up itself.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Collected first, this module imports diffusers, which imports Triton.
-DIFFUSERS_FIRST = "tests/test_unet.py::test_flops_of_ddpm_cifar10"
-# Two interpreted kernels calling Triton's own jit helpers (tl.sigmoid through SiLU; tl.randint4x for Philox).
+DIFFUSERS_FIRST = "tests/test_unet.py::test_from_dict_rejects_unknown_fields"
+# Two interpreted kernel tests (single and split GroupNorm) that failed after it, before conftest set the mode.
 KERNEL_TESTS = ["tests/test_kernel_group_norm.py::test_single_path_c96_3groups_7x5[nchw-f32]",
                 "tests/test_kernel_group_norm.py::test_batch_one[split]"]
 
@@ -41,6 +44,7 @@ def _block_diffusers(tmp_path):
     return str(tmp_path)
 
 
+@pytest.mark.slow  # pytest's own importorskip behaviour; the CI case below is the one that guards a regression
 def test_missing_diffusers_skips_with_its_name_outside_ci(tmp_path):
     rc, out = run_pytest(["-p", "no_diffusers", "tests/test_unet.py"], extra_path=_block_diffusers(tmp_path))
     # exit status 5: no test ran (the whole module skipped at collection), which is not an error
@@ -51,6 +55,16 @@ def test_missing_diffusers_is_an_error_in_ci(tmp_path):
     rc, out = run_pytest(["-p", "no_diffusers", "--collect-only", DIFFUSERS_FIRST], env_update={"CI": "true"},
                          extra_path=_block_diffusers(tmp_path))
     assert rc != 0 and "test dependencies are missing: diffusers" in out, out
+
+
+def test_dependency_table_matches_the_test_extra():
+    """conftest's TEST_DEPENDENCIES lists pyproject.toml's [test] extra (pytest and its plugins aside)."""
+    from conftest import TEST_DEPENDENCIES
+
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        block = re.search(r"^test = \[(.*?)^\]", f.read(), re.S | re.M).group(1)
+    extra = {re.match(r"[A-Za-z0-9_.-]+", name).group(0) for name in re.findall(r'"([^"]+)"', block)}
+    assert extra - {"pytest", "pytest-xdist"} == set(TEST_DEPENDENCIES.values())
 
 
 def test_a_source_checkout_imports_its_own_kernels_even_beside_an_editable_install(tmp_path):
