@@ -32,26 +32,10 @@ import triton
 import triton.language as tl
 
 from ._common import CHANNELS_LAST, cdiv, check_out, dpm_solver_step_problem, layout_of, memory_format
-from .update_step_kernels import (NOISE_PHILOX, NOISE_TENSOR, _box_muller, _philox4x32, noise_mode_args,
-                                  table_step_args)
+from .update_step_kernels import NOISE_PHILOX, NOISE_TENSOR, _normal4, noise_mode_args, table_step_args
 
 N_DPM_COEFFS = 10
 FP_FUSION = False
-
-
-@triton.jit
-def _normal4(counter, stream, seed):
-    """Four standard normals per uint32 ``counter``: Philox(counter, stream, 0, 0; key = seed) and Box-Muller, as
-    ``update_step_kernels._normal4``, with the constant counter words built by arithmetic: ``tl.zeros_like`` is a
-    ``@triton.jit`` library function, which the interpreter cannot call when Triton was imported before
-    TRITON_INTERPRET was set (as happens after diffusers imports torch's inductor)."""
-    k0 = seed.to(tl.uint32)
-    k1 = (seed >> 32).to(tl.uint32)
-    zero = counter * 0
-    r0, r1, r2, r3 = _philox4x32(counter, zero + stream, zero, zero, k0, k1)
-    n0, n1 = _box_muller(r0, r1)
-    n2, n3 = _box_muller(r2, r3)
-    return n0, n1, n2, n3
 
 
 @triton.jit

@@ -143,9 +143,9 @@ def _normal4(counter, stream, seed):
     """
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
-    c1 = tl.zeros_like(counter) + stream
-    zero = tl.zeros_like(counter)
-    r0, r1, r2, r3 = _philox4x32(counter, c1, zero, zero, k0, k1)
+    zero = counter * 0  # not tl.zeros_like: a jit library function the interpreter cannot call if Triton was
+    # imported before TRITON_INTERPRET was set
+    r0, r1, r2, r3 = _philox4x32(counter, zero + stream, zero, zero, k0, k1)
     n0, n1 = _box_muller(r0, r1)
     n2, n3 = _box_muller(r2, r3)
     return n0, n1, n2, n3
