@@ -56,11 +56,10 @@ STEP = "kernels/update_step_kernels.py"
 GN_TESTS = "tests/test_kernel_group_norm.py"
 
 MUTANTS = [
-    # Update-step kernels: only the first block of each image written (the kernel file is being rewritten in
-    # parallel: refresh these patterns after that merge).
+    # Update-step kernels: only the first block of each image written.
     Mutant("step-flat-pid0", "flat update-step kernel: program_id(0) replaced by 0",
-           (Edit(STEP, "    pid = tl.program_id(0)\n    img = tl.program_id(1)\n    x0_x",
-                 "    pid = 0\n    img = tl.program_id(1)\n    x0_x"),),
+           (Edit(STEP, "    pid = tl.program_id(0)\n    img = tl.program_id(1)\n    c, stream = _load_step(",
+                 "    pid = 0\n    img = tl.program_id(1)\n    c, stream = _load_step("),),
            ("tests/test_kernel_update_step.py",)),
     Mutant("step-cl-pid_p0", "channels_last Philox update-step kernel: pid_p replaced by 0",
            (Edit(STEP, "pid_p = tl.program_id(0)", "pid_p = 0"),),
