@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import tempfile
 import types
@@ -21,6 +20,8 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+
+from cases import product_cases
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers import scheduling_dpmsolver_multistep as dpm_module  # noqa: E402
@@ -349,20 +350,11 @@ def check_chain(config, n, seed, shape=SHAPE, model=dummy_nonlinear_model):
         x = out
 
 
-def _cases(factors: dict, quick_every: int):
-    names = list(factors)
-    cases = []
-    for k, values in enumerate(itertools.product(*factors.values())):
-        marks = () if k % quick_every == 0 else (pytest.mark.slow,)
-        cases.append(pytest.param(*values, marks=marks, id="-".join(str(v) for v in values)))
-    return ",".join(names), cases
-
-
 SOLVERS = [("dpmsolver++", 1), ("dpmsolver++", 2), ("dpmsolver++", 3), ("sde-dpmsolver++", 1),
            ("sde-dpmsolver++", 2), ("sde-dpmsolver++", 3), ("dpmsolver", 2), ("dpmsolver", 3), ("sde-dpmsolver", 2)]
 
 
-@pytest.mark.parametrize(*_cases({
+@pytest.mark.parametrize(*product_cases({
     "solver": SOLVERS,
     "solver_type": ["midpoint", "heun"],
     "prediction": ["epsilon", "sample", "v_prediction"],
@@ -378,7 +370,7 @@ def test_steps_match_diffusers(solver, solver_type, prediction, final, n):
     check_chain(config, n, seed=n + order)
 
 
-@pytest.mark.parametrize(*_cases({
+@pytest.mark.parametrize(*product_cases({
     "sigmas": ["plain", "karras", "lu", "exponential", "beta"],
     "schedule": ["linear", "scaled_linear", "squaredcos_cap_v2"],
     "spacing": ["linspace", "leading", "trailing"],

@@ -13,7 +13,6 @@ Accuracy on realistic inputs (x_t formed from x0 and eps, exact model) is tests/
 from __future__ import annotations
 
 import inspect
-import itertools
 import math
 import zlib
 from unittest import mock
@@ -21,6 +20,8 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+
+from cases import product_cases
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers import scheduling_ddpm  # noqa: E402
@@ -109,16 +110,6 @@ def check_chain(ours, n, seed, eta=0.0, use_clipped_model_output=False, shape=SH
         assert_close(out, ref32, rtol=RTOL[torch.float32] + own_error,
                      what=f"step {i} (t={t}) vs diffusers, seed {seed}")
         x = out
-
-
-def _cases(factors: dict, quick_every: int):
-    """The full product of ``factors``, every ``quick_every``-th case quick (spread across all values), the rest slow."""
-    names = list(factors)
-    cases = []
-    for k, values in enumerate(itertools.product(*factors.values())):
-        marks = () if k % quick_every == 0 else (pytest.mark.slow,)
-        cases.append(pytest.param(*values, marks=marks, id="-".join(str(v) for v in values)))
-    return ",".join(names), cases
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,8 +251,8 @@ def test_add_noise_low_precision(dtype):
 # Step chains against diffusers
 # ----------------------------------------------------------------------------------------------------
 
-_DDPM_ARGS, _DDPM_CASES = _cases({"schedule": list(SCHEDULES), "prediction": PREDICTIONS, "variance": VARIANCES,
-                                  "spacing": SPACINGS, "clip": (True, False), "offset": (0, 1)}, quick_every=11)
+_DDPM_ARGS, _DDPM_CASES = product_cases({"schedule": list(SCHEDULES), "prediction": PREDICTIONS, "variance": VARIANCES,
+                                         "spacing": SPACINGS, "clip": (True, False), "offset": (0, 1)}, quick_every=11)
 
 
 @pytest.mark.parametrize(_DDPM_ARGS, _DDPM_CASES)
@@ -271,9 +262,9 @@ def test_ddpm_steps_match_diffusers(request, schedule, prediction, variance, spa
     check_chain(ours, 7, seed=stable_seed(request))
 
 
-_DDIM_ARGS, _DDIM_CASES = _cases({"schedule": list(SCHEDULES), "prediction": PREDICTIONS, "spacing": SPACINGS,
-                                  "clip": (True, False), "eta": (0.0, 0.5, 1.0), "alpha_to_one": (True, False),
-                                  "offset": (0, 1)}, quick_every=17)
+_DDIM_ARGS, _DDIM_CASES = product_cases({"schedule": list(SCHEDULES), "prediction": PREDICTIONS, "spacing": SPACINGS,
+                                         "clip": (True, False), "eta": (0.0, 0.5, 1.0), "alpha_to_one": (True, False),
+                                         "offset": (0, 1)}, quick_every=17)
 
 
 @pytest.mark.parametrize(_DDIM_ARGS, _DDIM_CASES)

@@ -1,0 +1,18 @@
+"""Parametrisations shared by the scheduler test files."""
+
+import itertools
+
+import pytest
+
+
+def product_cases(factors: dict, quick_every: int):
+    """The full product of ``factors``, every ``quick_every``-th case quick (spread across all values), the rest slow.
+
+    Returns ``(argnames, cases)`` for ``pytest.mark.parametrize``.
+    """
+    names = list(factors)
+    cases = []
+    for k, values in enumerate(itertools.product(*factors.values())):
+        marks = () if k % quick_every == 0 else (pytest.mark.slow,)
+        cases.append(pytest.param(*values, marks=marks, id="-".join(str(v) for v in values)))
+    return ",".join(names), cases
