@@ -1,6 +1,7 @@
-"""Parametrisations shared by the scheduler test files."""
+"""Parametrisations and seeds shared by the scheduler test files."""
 
 import itertools
+import zlib
 
 import pytest
 
@@ -16,3 +17,9 @@ def product_cases(factors: dict, quick_every: int):
         marks = () if k % quick_every == 0 else (pytest.mark.slow,)
         cases.append(pytest.param(*values, marks=marks, id="-".join(str(v) for v in values)))
     return ",".join(names), cases
+
+
+def stable_seed(request) -> int:
+    """Seed of a test's random inputs: a CRC of its id, the same in every run and process (never ``hash()``, which
+    changes with PYTHONHASHSEED)."""
+    return zlib.crc32(request.node.nodeid.encode())

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from cases import product_cases
+from cases import product_cases, stable_seed
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers import scheduling_ddpm  # noqa: E402
@@ -76,11 +76,6 @@ def diffusers_step(d, model_output, t, x, noise, eta=0.0, use_clipped_model_outp
     # DDPMScheduler.step has no variance_noise argument: hand it our noise through its randn_tensor.
     with mock.patch.object(scheduling_ddpm, "randn_tensor", lambda shape, **kw: noise.to(kw["dtype"])):
         return d.step(model_output, t, x).prev_sample
-
-
-def stable_seed(request) -> int:
-    """Seed of a test's random inputs: a CRC of its id, the same in every run and process."""
-    return zlib.crc32(request.node.nodeid.encode())
 
 
 def check_chain(ours, n, seed, eta=0.0, use_clipped_model_output=False, shape=SHAPE, max_steps=None):

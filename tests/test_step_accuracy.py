@@ -28,6 +28,8 @@ from unittest import mock
 import pytest
 import torch
 
+from cases import stable_seed
+
 diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers import scheduling_ddpm  # noqa: E402
 
@@ -45,10 +47,6 @@ SPACINGS = ("leading", "trailing", "linspace")
 N_STEPS = 10
 STEPS = {"first": 0, "middle": N_STEPS // 2, "last": N_STEPS - 1}
 SHAPE = (2, 3, 16, 16)
-
-
-def stable_seed(request) -> int:
-    return zlib.crc32(request.node.nodeid.encode())
 
 
 def diffusers_twin(ours, dtype):
