@@ -5,6 +5,15 @@ import zlib
 
 import pytest
 
+# The beta schedules, prediction types and timestep spacings every DDPM/DDIM test sweeps (diffusers' names).
+SCHEDULES = {
+    "linear": {"beta_schedule": "linear"},
+    "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    "squaredcos_cap_v2": {"beta_schedule": "squaredcos_cap_v2"},
+}
+PREDICTIONS = ("epsilon", "sample", "v_prediction")
+SPACINGS = ("leading", "trailing", "linspace")
+
 
 def product_cases(factors: dict, quick_every: int):
     """The full product of ``factors``, every ``quick_every``-th case quick (spread across all values), the rest slow.

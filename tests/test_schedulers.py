@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from cases import product_cases, stable_seed
+from cases import PREDICTIONS, SCHEDULES, SPACINGS, product_cases, stable_seed
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers import scheduling_ddpm  # noqa: E402
@@ -39,13 +39,6 @@ from fastdiff.schedulers import (  # noqa: E402
 from fastdiff.testing import RTOL, assert_close, relative_error  # noqa: E402
 
 EXACT_RTOL = 1e-6  # fastdiff (float32 table and arithmetic) vs float64 diffusers on the same schedule; measured <= 1e-7
-SCHEDULES = {
-    "linear": {"beta_schedule": "linear"},
-    "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
-    "squaredcos_cap_v2": {"beta_schedule": "squaredcos_cap_v2"},
-}
-PREDICTIONS = ("epsilon", "sample", "v_prediction")
-SPACINGS = ("leading", "trailing", "linspace")
 VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
 SHAPE = (2, 3, 4, 5)  # tiny, with H != W
 

@@ -28,7 +28,7 @@ from unittest import mock
 import pytest
 import torch
 
-from cases import stable_seed
+from cases import PREDICTIONS, SCHEDULES, SPACINGS, stable_seed
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers import scheduling_ddpm  # noqa: E402
@@ -37,13 +37,6 @@ from fastdiff.schedulers import DDIMScheduler, DDPMScheduler  # noqa: E402
 from fastdiff.testing import assert_close, relative_error  # noqa: E402
 
 FLOOR = 4 * 2.0**-24
-SCHEDULES = {
-    "linear": {"beta_schedule": "linear"},
-    "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
-    "squaredcos_cap_v2": {"beta_schedule": "squaredcos_cap_v2"},
-}
-PREDICTIONS = ("epsilon", "sample", "v_prediction")
-SPACINGS = ("leading", "trailing", "linspace")
 N_STEPS = 10
 STEPS = {"first": 0, "middle": N_STEPS // 2, "last": N_STEPS - 1}
 SHAPE = (2, 3, 16, 16)
