@@ -31,8 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import CHANNELS_LAST, cdiv, check_out, dpm_solver_step_problem, layout_of, memory_format
-from .update_step_kernels import NOISE_PHILOX, NOISE_TENSOR, _normal4, noise_mode_args, table_step_args
+from ._common import CHANNELS_LAST, cdiv, dpm_solver_step_problem, layout_of
+from .update_step_kernels import (NOISE_PHILOX, NOISE_TENSOR, _normal4, noise_mode_args, output_like,
+                                  table_step_args)
 
 N_DPM_COEFFS = 10
 FP_FUSION = False
@@ -153,10 +154,7 @@ def dpm_solver_step(sample, model_output, history, coeffs, step_index, *, noise=
                                                                    step_index, device)
     mode, seeds, noise_streams = noise_mode_args("dpm_solver_step", sample, noise, seeds, noise_streams, n_steps)
     layout = layout_of(sample)
-    if out is None:
-        out = torch.empty(sample.shape, dtype=sample.dtype, device=device, memory_format=memory_format(layout))
-    else:
-        check_out(out, sample.shape, sample.dtype, device, layout, "dpm_solver_step")
+    out = output_like(sample, layout, out, "dpm_solver_step")
     if sample.numel() == 0:
         return out
     n, c = sample.shape[:2]

@@ -461,6 +461,14 @@ def noise_mode_args(op: str, sample: torch.Tensor, noise, seeds, noise_streams, 
     return NOISE_PHILOX, seeds.contiguous(), noise_streams.contiguous()  # read at unit stride
 
 
+def output_like(sample: torch.Tensor, layout: str, out, op: str) -> torch.Tensor:
+    """``out`` checked to be like ``sample`` (shape, dtype, device, layout), or a new tensor like it."""
+    if out is None:
+        return torch.empty(sample.shape, dtype=sample.dtype, device=sample.device, memory_format=memory_format(layout))
+    check_out(out, sample.shape, sample.dtype, sample.device, layout, op)
+    return out
+
+
 def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, noise=None, seeds=None,
                 noise_streams=None, out=None):
     """Fused update step (see module docstring); same contract as ``fastdiff.ops.reference.update_step``.
@@ -481,10 +489,7 @@ def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, no
         if not clip_hi >= 0:
             raise ValueError(f"update_step: clip_range must be >= 0, got {clip_range}")
     layout = layout_of(sample)
-    if out is None:
-        out = torch.empty(sample.shape, dtype=sample.dtype, device=device, memory_format=memory_format(layout))
-    else:
-        check_out(out, sample.shape, sample.dtype, device, layout, "update_step")
+    out = output_like(sample, layout, out, "update_step")
     if sample.numel() == 0:
         return out
     n, c = sample.shape[:2]
