@@ -123,12 +123,12 @@ def _signature(fn, args: dict, constexprs: dict):
 
 # Representative shapes, also the roofline's large shapes (each 256 MiB or more in float16): the largest group
 # the single path takes (256 channels, 32 groups, 32x32) at batch 512; a 16x128x256x256 activation for the split
-# path; a 64x3x512x512 batch of images for the update step and the noise (channels_last: 4 channels with
-# HW % 4 == 0, 3 channels with odd HW for the unaligned-quads path).
+# path; a 64x3x512x512 batch of images for the update step and the noise (channels_last: 4 channels (latents)
+# and 3 channels (RGB) with HW % 4 == 0, 3 channels with odd HW for the unaligned-quads path).
 GN_SINGLE_SHAPE = (512, 256, 32 * 32, 32)
 GN_SPLIT_SHAPE = (16, 128, 256 * 256, 32)
 STEP_SHAPE = (64, 3, 512 * 512)
-STEP_CL_SHAPES = ((64, 4, 512 * 512), (64, 3, 511 * 511))
+STEP_CL_SHAPES = ((64, 4, 512 * 512), (64, 3, 512 * 512), (64, 3, 511 * 511))
 
 
 def _elem(dt) -> int:
@@ -246,13 +246,13 @@ def update_step_variants() -> list[Variant]:
                 args = dict(x_ptr=_ptr(dt), m_ptr=_ptr(dt), out_ptr=_ptr(dt), coeffs_ptr=_ptr(torch.float32), **step,
                             n_steps=n_steps, seeds_ptr=_ptr(torch.int64), streams_ptr=_ptr(torch.int64),
                             clip_lo=-1.0, clip_hi=1.0, C=cl_c, HW=cl_hw)
-                cx = dict(QUADS=p.quads, BLOCK_P=p.block_p, BLOCK_C=p.block_c, FULL_C=p.full_c)
+                cx = dict(QUADS=p.quads, BLOCK_P=p.block_p, BLOCK_C=p.block_c, FULL_C=p.full_c, EXACT_C=p.exact_c)
                 units = cl_philox_quads(cl_hw, p.quads)  # pixel quads along the grid's first axis
                 roof = dict(shape=_shape_text(cl_n, cl_c, cl_hw), elements=cl_n * cl_c * cl_hw, loop_trips=[],
                             programs=-(-units // p.block_p) * -(-cl_c // p.block_c) * cl_n,
                             bytes=3 * s * cl_n * cl_c * cl_hw)
                 out.append(Variant("update_step_kernels", "_update_step_cl_philox_kernel",
-                                   f"{d} cl philox {'quads' if p.quads else 'unaligned'} step:{step_kind}", args, cx,
+                                   f"{d} cl philox {'quads' if p.quads else 'unaligned'} c{cl_c} step:{step_kind}", args, cx,
                                    p.num_warps, FP_FUSION, roofline=roof))
         p = plan_gaussian_noise()
         for stream_kind in ("int", "tensor"):
@@ -357,13 +357,45 @@ def _access_bits(opcode: str) -> int:
     return {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}[m.group(1)]
 
 
+def _branch_target(operands: str) -> int | None:
+    target = re.match(r"(0x[0-9a-f]+)", operands)
+    return int(target.group(1), 16) if target else None
+
+
+def _longest_path(body: list) -> tuple[int, int]:
+    """(instructions, MUFU instructions) on the longest path from the entry to an EXIT through ``body``, taking
+    forward branches only: the arms of an if/else are alternatives, so only the longer one counts. Loops (backward
+    branches) are walked once here; ``roofline`` adds their further trips."""
+    index = {addr: i for i, (addr, *_) in enumerate(body)}
+    jumps_into = [[] for _ in body]  # forward branches landing on each instruction
+    for i, (addr, _, op, operands) in enumerate(body):
+        t = _branch_target(operands) if op.startswith("BRA") else None
+        if t is not None and t > addr and t in index:
+            jumps_into[index[t]].append(i)
+    best = [None] * len(body)  # (instructions, MUFU) of the longest path ending at each instruction
+    for i, (_, _, op, _) in enumerate(body):
+        prev = [best[j] for j in jumps_into[i] if best[j] is not None]
+        if i == 0:
+            prev.append((0, 0))
+        elif best[i - 1] is not None:
+            _, pred, prev_op, _ = body[i - 1]
+            if pred or not (prev_op.startswith("BRA") or prev_op == "EXIT"):  # falls through
+                prev.append(best[i - 1])
+        if prev:
+            n, mufu = max(prev)
+            best[i] = (n + 1, mufu + op.startswith("MUFU"))
+    ends = [best[i] for i, (_, _, op, _) in enumerate(body) if (op == "EXIT" or i == len(body) - 1) and best[i]]
+    return max(ends)
+
+
 def sass_profile(text: str) -> dict:
     """The hot code of one kernel's SASS: the body up to the first unconditional EXIT and its loops.
 
-    Returns ``body`` (instructions in that range), ``loops`` (instructions in each loop body, in program
-    order: the range from a backward branch's target to the branch), ``mufu`` / ``loop_mufu`` (special-function
-    instructions in the body and in each loop) and ``loads`` / ``stores`` (global access width in bits ->
-    count, in the body).
+    Returns ``body`` (instructions on the longest path from the entry to an EXIT: of an if/else only the longer
+    arm counts), ``straight_line`` (every instruction up to that EXIT, both arms), ``loops`` (instructions in
+    each loop body, in program order: the range from a backward branch's target to the branch), ``mufu`` /
+    ``loop_mufu`` (special-function instructions on that path and in each loop) and ``loads`` / ``stores``
+    (global access width in bits -> count, in the body).
     """
     insts = parse_sass(text)
     end = next((i for i, (_, pred, op, _) in enumerate(insts) if op == "EXIT" and not pred), len(insts) - 1)
@@ -371,10 +403,7 @@ def sass_profile(text: str) -> dict:
     addr_index = {a: i for i, (a, *_) in enumerate(body)}
     loops = []
     for i, (addr, _, op, operands) in enumerate(body):
-        if op != "BRA":
-            continue
-        target = re.match(r"(0x[0-9a-f]+)", operands)
-        t = int(target.group(1), 16) if target else None
+        t = _branch_target(operands) if op.startswith("BRA") else None
         if t is not None and t < addr and t in addr_index:
             loops.append(body[addr_index[t]:i + 1])
     loads, stores = {}, {}
@@ -384,7 +413,8 @@ def sass_profile(text: str) -> dict:
         elif op.startswith("STG"):
             stores[_access_bits(op)] = stores.get(_access_bits(op), 0) + 1
     mufu = lambda seq: sum(op.startswith("MUFU") for _, _, op, _ in seq)  # noqa: E731
-    return {"body": len(body), "loops": [len(loop) for loop in loops], "mufu": mufu(body),
+    path, path_mufu = _longest_path(body)
+    return {"body": path, "straight_line": len(body), "loops": [len(loop) for loop in loops], "mufu": path_mufu,
             "loop_mufu": [mufu(loop) for loop in loops], "loads": loads, "stores": stores}
 
 

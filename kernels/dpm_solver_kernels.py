@@ -132,7 +132,7 @@ class DPMStepPlan:
 def plan_dpm_solver_step(layout: str, philox: bool) -> DPMStepPlan:
     """The one place that picks block sizes for the DPM-Solver step (launcher and compile check)."""
     if layout == CHANNELS_LAST and philox:
-        return DPMStepPlan(1024, 4)  # per-element Philox: four times the noise work, half the block
+        return DPMStepPlan(512, 4)  # per-element Philox: four times the noise work, a quarter of the block
     return DPMStepPlan(2048, 4)
 
 

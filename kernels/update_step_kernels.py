@@ -8,21 +8,25 @@ and ``c`` the coefficient row of this step:
     prev = c.prev_from_x0 * x0 + c.prev_from_eps * eps + c.prev_from_x * x + c.noise_std * z
 
 in float32, left to right, every product and sum rounded once, exactly as the reference (subtract first, then
-scale: see STEP_COEFFS). The coefficient row and the Philox stream are read on the device from
+scale: see STEP_COEFFS); with Philox noise each ``a * b + c`` of that order is one fma (below). The coefficient row and the Philox stream are read on the device from
 ``coeffs_ptr + step * N_STEP_COEFFS`` and
 ``streams_ptr + step``, where ``step`` is either a launch argument or read from an integer device tensor,
 so a step is capturable in a CUDA graph and never recompiles (coefficients are runtime data).
 
-Noise follows ``fastdiff/ops/noise.py`` exactly: Philox-4x32-10 keyed by the image's seed, counter
+Noise follows ``fastdiff/ops/noise.py``: Philox-4x32-10 keyed by the image's seed, counter
 ``(e // 4, stream, 0, 0)`` with ``e`` the logical NCHW index inside the image, uniforms
 ``((r >> 8) + 0.5) * 2**-24`` and Box-Muller, element ``e`` taking ``n[e % 4]``. One Philox call serves four
-logical neighbours. ``ln``, ``sin`` and ``cos`` are written out below as short polynomials (range reduction
-by exponent and by quarter turns), so the interpreter and every Triton version run the same arithmetic:
-no libdevice, no slow paths, no local memory.
+logical neighbours. The Philox words are bit-exact; ``ln``, ``sqrt``, ``sin`` and ``cos`` run on the
+special-function unit (``lg2``/``sqrt``/``sin``/``cos.approx.ftz.f32``: about 8 instructions an element instead of
+about 35 for correctly rounded or polynomial versions, which made every Philox step issue-bound on an H200), so
+the noise matches the reference to a tolerance, not to the bit: CUDA's __log2f/__sinf/__cosf, which compile to
+the same instructions, document absolute errors of about 2**-22 (log2 on [0.5, 2]) and 2**-21 (sin and cos on
+[-pi, pi], the range the angle is formed in); see tests/kernel_device.py for the resulting bound. Under the interpreter the same helpers use numpy's functions.
 
-The launchers run with ``enable_fp_fusion=False``: the reference rounds every product and sum of the update
-separately, and DDIM's x0/eps algebra cancels, so contraction would only add disagreement there. The noise
-polynomials use explicit ``tl.fma`` instead (half the instructions, and more accurate).
+The launchers run with ``enable_fp_fusion=False``: without Philox noise the update rounds every product and sum
+separately, exactly as the reference (DDIM's x0/eps algebra cancels, so contraction would only add disagreement
+there). With Philox noise, already held to a tolerance, ``_update`` writes each ``a * b + c`` as an explicit
+``tl.fma`` (fewer instructions, one rounding fewer).
 """
 
 from __future__ import annotations
@@ -47,9 +51,9 @@ _ROUND_B: tl.constexpr = tl.constexpr(0xCD9E8D57)
 _KEY_A: tl.constexpr = tl.constexpr(0x9E3779B9)
 _KEY_B: tl.constexpr = tl.constexpr(0xBB67AE85)
 _ROUNDS: tl.constexpr = tl.constexpr(10)
-_TWO_PI: tl.constexpr = tl.constexpr(2.0 * math.pi)
-_LN2: tl.constexpr = tl.constexpr(math.log(2.0))
-_SQRT2: tl.constexpr = tl.constexpr(math.sqrt(2.0))
+_MINUS_2_LN2: tl.constexpr = tl.constexpr(-2.0 * math.log(2.0))
+_ANGLE_STEP: tl.constexpr = tl.constexpr(2.0 * math.pi * 2.0**-24)  # 2 pi u_b - pi = k * step + start, k = r >> 8
+_ANGLE_START: tl.constexpr = tl.constexpr(2.0 * math.pi * 2.0**-25 - math.pi)
 
 NOISE_NONE = 0
 NOISE_TENSOR = 1
@@ -57,7 +61,7 @@ NOISE_PHILOX = 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Device helpers: Philox, ln, sin/cos, Box-Muller, the update formula.
+# Device helpers: Philox, log2, sin/cos, Box-Muller, the update formula.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -77,78 +81,81 @@ def _philox4x32(c0, c1, c2, c3, k0, k1):
     return c0, c1, c2, c3
 
 
-@triton.jit
-def _ln_unit(u):
-    """Natural log of a normal float32 ``u`` in (0, 1]: ``e ln 2 + 2 atanh(s)``, s = (m - 1) / (m + 1) with the
-    mantissa m in [0.71, 1.42). The atanh series to s**9 has truncation error below 1e-9 for |s| <= 0.172.
-    """
-    bits = u.to(tl.int32, bitcast=True)
-    e = (bits >> 23) - 127
-    m = ((bits & 0x007FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # mantissa in [1, 2)
-    big = m > _SQRT2
-    m = tl.where(big, m * 0.5, m)
-    e = tl.where(big, e + 1, e)
-    s = (m - 1.0) / (m + 1.0)
-    s2 = s * s
-    q = tl.fma(s2, 0.1111111111111111, 0.14285714285714285)
-    q = tl.fma(s2, q, 0.2)
-    q = tl.fma(s2, q, 0.3333333333333333)
-    two_s = s + s
-    return tl.fma(e.to(tl.float32), _LN2, tl.fma(two_s * s2, q, two_s))
+# Under TRITON_INTERPRET the decorator returns an interpreter function, not a JITFunction.
+_INTERPRETED: tl.constexpr = tl.constexpr(not isinstance(_philox4x32, triton.runtime.JITFunction))
 
 
 @triton.jit
-def _cos_sin_2pi(u):
-    """(cos(2 pi u), sin(2 pi u)) for u in [0, 1]: exact reduction to r = u - q/4 (|r| <= 1/8 turn), Taylor
-    polynomials of degree 8 and 9 in t = 2 pi r (error below 3e-8), quadrant q mod 4 by swaps and signs."""
-    q = (u * 4.0 + 0.5).to(tl.int32)  # nearest quarter turn (u >= 0, so truncation floors)
-    t = (u - q.to(tl.float32) * 0.25) * _TWO_PI
-    t2 = t * t
-    s = tl.fma(t2, 2.7557319223985893e-06, -0.0001984126984126984)
-    s = tl.fma(t2, s, 0.008333333333333333)
-    s = tl.fma(t2, s, -0.16666666666666666)
-    s = tl.fma(t * t2, s, t)
-    c = tl.fma(t2, 2.48015873015873e-05, -0.001388888888888889)
-    c = tl.fma(t2, c, 0.041666666666666664)
-    c = tl.fma(t2, c, -0.5)
-    c = tl.fma(t2, c, 1.0)
-    k = q & 3
-    odd = (k & 1) != 0
-    cos_mag = tl.where(odd, s, c)
-    sin_mag = tl.where(odd, c, s)
-    cos = tl.where((k == 1) | (k == 2), -cos_mag, cos_mag)
-    sin = tl.where(k >= 2, -sin_mag, sin_mag)
-    return cos, sin
+def _log2_approx(x):
+    """log2 of a positive normal float32: the special-function unit (lg2.approx.ftz.f32; absolute error about
+    2**-22 for x in [0.5, 2], 2 ulp elsewhere), or numpy's log2 under the interpreter."""
+    if _INTERPRETED:
+        y = tl.math.log2(x)
+    else:
+        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    return y
 
 
 @triton.jit
-def _box_muller(r_rad, r_ang):
-    """Two standard normals from two uint32 words: sqrt(-2 ln u_a) * (cos 2 pi u_b, sin 2 pi u_b).
+def _cos_sin_approx(a):
+    """(cos a, sin a) for a in [-pi, pi]: the special-function unit (cos/sin.approx.ftz.f32, absolute error
+    about 2**-21 there), or numpy under the interpreter."""
+    if _INTERPRETED:
+        c = tl.cos(a)
+        s = tl.sin(a)
+    else:
+        c, s = tl.inline_asm_elementwise("cos.approx.ftz.f32 $0, $2;\n\tsin.approx.ftz.f32 $1, $2;", "=r,=r,r", [a],
+                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    return c, s
+
+
+@triton.jit
+def _box_muller_polar(r_rad, r_ang):
+    """Box-Muller on two uint32 words as (radius, cos, sin): the normals sqrt(-2 ln u_a) * (cos 2 pi u_b,
+    sin 2 pi u_b) are radius * cos and radius * sin.
 
     Uniforms u = ((r >> 8) + 0.5) * 2**-24 lie in (0, 1]; computed as one fma (k * 2**-24 + 2**-25), which
     rounds exactly like the reference's float32 (k + 0.5) followed by the exact scaling.
     """
     u_rad = tl.fma((r_rad >> 8).to(tl.float32), 5.9604644775390625e-08, 2.9802322387695312e-08)
-    u_ang = tl.fma((r_ang >> 8).to(tl.float32), 5.9604644775390625e-08, 2.9802322387695312e-08)
-    rad = tl.sqrt(-2.0 * _ln_unit(u_rad))
-    cos, sin = _cos_sin_2pi(u_ang)
-    return rad * cos, rad * sin
+    # (cos, sin)(2 pi u_b) = -(cos, sin)(2 pi u_b - pi), an angle in (-pi, pi) formed by one fma; the sign goes
+    # to the radius
+    angle = tl.fma((r_ang >> 8).to(tl.float32), _ANGLE_STEP, _ANGLE_START)
+    neg_rad = -tl.sqrt(_log2_approx(u_rad) * _MINUS_2_LN2)
+    cos, sin = _cos_sin_approx(angle)
+    return neg_rad, cos, sin
 
 
 @triton.jit
-def _normal4(counter, stream, seed):
-    """Four standard normals per uint32 ``counter`` (any shape): Philox(counter, stream, 0, 0; key = seed).
-
-    ``stream`` is a uint32 scalar, ``seed`` an int64 scalar (key = its low and high 32-bit words).
-    """
+def _philox_words(counter, stream, seed):
+    """Philox(counter, stream, 0, 0; key = seed) for a uint32 ``counter`` of any shape, ``stream`` a uint32
+    scalar, ``seed`` an int64 scalar (key = its low and high 32-bit words)."""
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
     zero = counter * 0  # not tl.zeros_like: a jit library function the interpreter cannot call if Triton was
     # imported before TRITON_INTERPRET was set
-    r0, r1, r2, r3 = _philox4x32(counter, zero + stream, zero, zero, k0, k1)
-    n0, n1 = _box_muller(r0, r1)
-    n2, n3 = _box_muller(r2, r3)
-    return n0, n1, n2, n3
+    return _philox4x32(counter, zero + stream, zero, zero, k0, k1)
+
+
+@triton.jit
+def _normal4(counter, stream, seed):
+    """Four standard normals per uint32 ``counter`` (any shape), from ``_philox_words``."""
+    r0, r1, r2, r3 = _philox_words(counter, stream, seed)
+    rad01, cos01, sin01 = _box_muller_polar(r0, r1)
+    rad23, cos23, sin23 = _box_muller_polar(r2, r3)
+    return rad01 * cos01, rad01 * sin01, rad23 * cos23, rad23 * sin23
+
+
+@triton.jit
+def _scaled_normal4(counter, stream, seed, scale):
+    """``scale`` times the four normals of ``_normal4`` as (radius, factor) pairs: scale * n_k = rad_k * f_k with
+    rad_0 = rad_1 (f_0 = cos, f_1 = sin) and rad_2 = rad_3, so an update adds each with one fma and the scale
+    costs one multiply per pair."""
+    r0, r1, r2, r3 = _philox_words(counter, stream, seed)
+    rad01, cos01, sin01 = _box_muller_polar(r0, r1)
+    rad23, cos23, sin23 = _box_muller_polar(r2, r3)
+    return rad01 * scale, cos01, sin01, rad23 * scale, cos23, sin23
 
 
 @triton.jit
@@ -181,52 +188,65 @@ def _load_step(coeffs_ptr, step_ptr, step_value, step_from_ptr, n_steps, streams
 
 
 @triton.jit
-def _update(x, m, z, c, clip_lo, clip_hi, NOISE: tl.constexpr, SHORTCUTS: tl.constexpr):
-    """x_{t-1} from float32 x, m (and z when NOISE != 0) and the row ``c`` of ``_load_step``; same operation order
-    as the reference (subtract, then scale).
+def _update(x, m, z, z_rad, c, clip_lo, clip_hi, NOISE: tl.constexpr, SHORTCUTS: tl.constexpr):
+    """x_{t-1} from float32 x, m (and the noise when NOISE != 0) and the row ``c`` of ``_load_step``; same
+    operation order as the reference (subtract, then scale). The noise: NOISE == 1, ``z`` (scaled by the row's
+    noise_std here); NOISE == 2, ``z_rad * z`` with the scale already in ``z_rad`` (``_scaled_normal4``).
+
+    Without Philox noise every product and sum rounds once, as in the reference. With Philox noise (whose
+    special-function Box-Muller already holds the kernel to a tolerance, not to the reference's bits) each
+    ``a * b + c`` of that order is one fma: 13 instead of 19 instructions an element on the longest path, and one
+    rounding fewer.
 
     SHORTCUTS: branch on the row (uniform across the program) to skip terms that are exact no-ops for finite
-    values: 6-10 SASS instructions an element fewer (DDPM Philox fp16: 73 -> 64). Used only by the flat kernel
-    with Philox noise, the one variant whose instruction issue rather than memory bounds it: elsewhere the
-    branches would only cost registers (Triton 3.6: 32 -> 72 for the noise-free flat kernel), and the
-    channels_last kernel updates four sub-tiles and would repeat them."""
-    x0 = (c[0] * x + c[1] * m) * c[2]
+    values. Used only by the flat kernel with Philox noise, whose instruction issue rather than memory bounds it:
+    elsewhere the branches would only cost registers (Triton 3.6: 32 -> 72 for the noise-free flat kernel), and
+    the channels_last kernel updates four sub-tiles and would repeat them."""
+    if NOISE == 2:
+        x0 = tl.fma(c[0], x, c[1] * m) * c[2]
+    else:
+        x0 = (c[0] * x + c[1] * m) * c[2]
     x0 = tl.minimum(tl.maximum(x0, clip_lo, propagate_nan=tl.PropagateNan.ALL), clip_hi,
                     propagate_nan=tl.PropagateNan.ALL)
     # Uniform branches on the row skip terms that are exact no-ops for finite values (x + 0 * y == x, 1 * y == y,
     # up to the sign of a zero): DDPM rows have no eps term, epsilon-prediction DDIM rows have eps = m.
-    if not SHORTCUTS:
+    if NOISE != 2:
         eps = (c[3] * x + c[4] * m + c[5] * x0) * c[6]
         prev = c[7] * x0 + c[8] * eps + c[9] * x
+    elif not SHORTCUTS:
+        eps = tl.fma(c[5], x0, tl.fma(c[4], m, c[3] * x)) * c[6]
+        prev = tl.fma(c[9], x, tl.fma(c[8], eps, c[7] * x0))
     elif c[8] == 0.0:
-        prev = c[7] * x0 + c[9] * x
+        prev = tl.fma(c[9], x, c[7] * x0)
     else:
         if (c[3] == 0.0) & (c[4] == 1.0) & (c[5] == 0.0) & (c[6] == 1.0):
             eps = m
         else:
-            eps = (c[3] * x + c[4] * m + c[5] * x0) * c[6]
-        prev = c[7] * x0 + c[8] * eps + c[9] * x
-    if NOISE != 0:
+            eps = tl.fma(c[5], x0, tl.fma(c[4], m, c[3] * x)) * c[6]
+        prev = tl.fma(c[9], x, tl.fma(c[8], eps, c[7] * x0))
+    if NOISE == 1:
         prev = prev + c[10] * z
+    elif NOISE == 2:
+        prev = tl.fma(z_rad, z, prev)
     return prev
 
 
 @triton.jit
-def _update_tile(x_ptr, m_ptr, out_ptr, offs, mask, z, c, clip_lo, clip_hi):
-    """Load x and m at ``offs``, apply ``_update`` with noise z, store x_{t-1}: one tile of the quad path."""
+def _update_tile(x_ptr, m_ptr, out_ptr, offs, mask, z, z_rad, c, clip_lo, clip_hi):
+    """Load x and m at ``offs``, apply ``_update`` with noise z_rad * z, store x_{t-1}: one tile of the quad path."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _update(x, m, z, c, clip_lo, clip_hi, 2, False)
+    y = _update(x, m, z, z_rad, c, clip_lo, clip_hi, 2, False)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, k: tl.constexpr, C, HW, mask, z, c, clip_lo, clip_hi,
+def _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, k: tl.constexpr, C, HW, mask, z, z_rad, c, clip_lo, clip_hi,
                  QUADS: tl.constexpr):
-    """Lane k of the channels_last quads: pixel pix + k (offsets offs + k * C) with noise z."""
+    """Lane k of the channels_last quads: pixel pix + k (offsets offs + k * C) with noise z_rad * z."""
     if not QUADS:
         mask = mask & (pix + k >= 0) & (pix + k < HW)
-    _update_tile(x_ptr, m_ptr, out_ptr, offs + k * C, mask, z, c, clip_lo, clip_hi)
+    _update_tile(x_ptr, m_ptr, out_ptr, offs + k * C, mask, z, z_rad, c, clip_lo, clip_hi)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,14 +295,18 @@ def _update_step_kernel(
     m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     if NOISE == 1:
         z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        z_rad = z  # unused: NOISE == 1 scales z by the row's noise_std
     elif NOISE == 2:
         seed = tl.load(seeds_ptr + img)
-        n0, n1, n2, n3 = _normal4(quad.to(tl.uint32), stream, seed)
-        # join(join(n0, n2), join(n1, n3)) is [R, 2, 2] with [r, j, k] = n[2j + k]: reshape gives n0..n3 in order
-        z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK // 4, 4])
+        rad01, cos01, sin01, rad23, cos23, sin23 = _scaled_normal4(quad.to(tl.uint32), stream, seed, c[10])
+        # join(join(a, b), join(c, d)) is [R, 2, 2] with [r, j, k] = (a, c, b, d)[2j + k]: reshape gives element
+        # 4r + 2j + k, so lanes 0..3 take (rad01 cos01, rad01 sin01, rad23 cos23, rad23 sin23)
+        z_rad = tl.reshape(tl.join(tl.join(rad01, rad23), tl.join(rad01, rad23)), [BLOCK // 4, 4])
+        z = tl.reshape(tl.join(tl.join(cos01, cos23), tl.join(sin01, sin23)), [BLOCK // 4, 4])
     else:
-        z = x
-    y = _update(x, m, z, c, clip_lo, clip_hi, NOISE, NOISE == 2)  # shortcuts where issue-bound (Philox)
+        z = x  # unused
+        z_rad = x
+    y = _update(x, m, z, z_rad, c, clip_lo, clip_hi, NOISE, NOISE == 2)  # shortcuts where issue-bound (Philox)
     tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -306,6 +330,7 @@ def _update_step_cl_philox_kernel(
     BLOCK_P: tl.constexpr,  # pixels per program (QUADS: pixel quads per program)
     BLOCK_C: tl.constexpr,  # channels per program
     FULL_C: tl.constexpr,  # C % BLOCK_C == 0: every channel of every tile is real (no channel mask)
+    EXACT_C: tl.constexpr,  # C == BLOCK_C: the pixel stride is a compile-time constant (aligned lane vectors)
 ):
     """Update step with Philox noise on channels_last tensors; noise indexed by the logical NCHW index.
 
@@ -324,6 +349,10 @@ def _update_step_cl_philox_kernel(
         coeffs_ptr, step_ptr, step_value, step_from_ptr, n_steps, streams_ptr, 2)
     seed = tl.load(seeds_ptr + img)
     base = img.to(tl.int64) * C * HW
+    if EXACT_C:  # every lane's sub-tile then starts on a whole vector, so no lane needs a layout of its own
+        pixel_stride = BLOCK_C
+    else:
+        pixel_stride = C
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     quad = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     if FULL_C:  # constant along channels, so loads and stores stay whole vectors
@@ -337,16 +366,20 @@ def _update_step_cl_philox_kernel(
         first = ch * HW  # logical index of each channel's pixel 0
         counter = ((first >> 2)[None, :] + quad[:, None]).to(tl.uint32)
         pix = quad[:, None] * 4 - (first & 3)[None, :]
-    n0, n1, n2, n3 = _normal4(counter, stream, seed)
+    rad01, cos01, sin01, rad23, cos23, sin23 = _scaled_normal4(counter, stream, seed, c[10])
     if QUADS:
         mask = (quad[:, None] < HW // 4) & cmask[None, :]
     else:
         mask = cmask[None, :]  # _update_lane adds 0 <= pixel < HW
-    offs = base + pix * C + ch[None, :]
-    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 0, C, HW, mask, n0, c, clip_lo, clip_hi, QUADS)
-    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 1, C, HW, mask, n1, c, clip_lo, clip_hi, QUADS)
-    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 2, C, HW, mask, n2, c, clip_lo, clip_hi, QUADS)
-    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 3, C, HW, mask, n3, c, clip_lo, clip_hi, QUADS)
+    offs = base + pix * pixel_stride + ch[None, :]
+    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 0, pixel_stride, HW, mask, cos01, rad01, c, clip_lo,
+                 clip_hi, QUADS)
+    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 1, pixel_stride, HW, mask, sin01, rad01, c, clip_lo,
+                 clip_hi, QUADS)
+    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 2, pixel_stride, HW, mask, cos23, rad23, c, clip_lo,
+                 clip_hi, QUADS)
+    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 3, pixel_stride, HW, mask, sin23, rad23, c, clip_lo,
+                 clip_hi, QUADS)
 
 
 @triton.jit
@@ -389,6 +422,7 @@ class StepPlan:
     quads: bool  # cl_philox: HW % 4 == 0
     num_warps: int
     full_c: bool = False  # cl_philox: C % block_c == 0 (no channel mask, so stores vectorise along channels)
+    exact_c: bool = False  # cl_philox: C == block_c (the pixel stride is a compile-time constant)
 
 
 def plan_update_step(c: int, hw: int, layout: str, philox: bool) -> StepPlan:
@@ -397,11 +431,11 @@ def plan_update_step(c: int, hw: int, layout: str, philox: bool) -> StepPlan:
         block_c = min(next_pow2(c), 64)
         quads = hw % 4 == 0
         # 1024 elements per program: 4 sub-tiles of block_p quads * block_c channels
-        block_p = max(1, 1024 // block_c)
-        return StepPlan("cl_philox", 0, block_p, block_c, quads, 4, c % block_c == 0)
+        block_p = max(1, 2048 // block_c)
+        return StepPlan("cl_philox", 0, block_p, block_c, quads, 4, c % block_c == 0, c == block_c)
     # 16 elements a thread: amortises the per-program coefficient loads and index math (fewer instructions
     # per element matter once Philox and Box-Muller are in the loop)
-    return StepPlan("flat", 2048, 0, 0, False, 4)
+    return StepPlan("flat", 4096 if philox else 2048, 0, 0, False, 4)
 
 
 def cl_philox_quads(hw: int, quads: bool) -> int:
@@ -504,6 +538,7 @@ def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, no
         _update_step_cl_philox_kernel[grid](
             sample, model_output, out, coeffs, step_ptr, step_value, step_from_ptr, n_steps, seeds_arg, streams_arg,
             clip_lo, clip_hi, c, hw, QUADS=plan.quads, BLOCK_P=plan.block_p, BLOCK_C=plan.block_c, FULL_C=plan.full_c,
+            EXACT_C=plan.exact_c,
             num_warps=plan.num_warps, num_stages=1, enable_fp_fusion=FP_FUSION)
     else:
         grid = (cdiv(numel_img, plan.block), n)

@@ -134,6 +134,34 @@ def test_sass_profile_finds_the_loop_and_leaves_out_cold_code():
                                                         roofline=dict(v.roofline, loop_trips=[3, 3])))
 
 
+DIAMOND_SASS = """
+        Function : toy_if_else
+        /*0000*/                   S2R R0, SR_TID.X ;                       /* 0x0 */
+        /*0010*/               @P0 BRA 0x50 ;                               /* 0x0 */
+        /*0020*/                   FMUL R1, R1, R2 ;                        /* 0x0 */
+        /*0030*/                   MUFU.RCP R1, R1 ;                        /* 0x0 */
+        /*0040*/                   BRA 0x70 ;                               /* 0x0 */
+        /*0050*/                   FADD R1, R1, R2 ;                        /* 0x0 */
+        /*0060*/                   FADD R1, R1, R2 ;                        /* 0x0 */
+        /*0070*/                   STG.E desc[UR4][R2.64], R1 ;             /* 0x0 */
+        /*0080*/                   EXIT ;                                   /* 0x0 */
+        /*0090*/                   BRA 0x90;                                /* 0x0 */
+"""
+
+
+def test_sass_profile_counts_one_arm_of_an_if_else():
+    """The arms of an if/else are alternatives: the executed count is the longer path, not their sum."""
+    p = compile_check.sass_profile(DIAMOND_SASS)
+    assert p["straight_line"] == 9
+    # S2R, BRA, then the longer arm (FMUL, MUFU, BRA: 3, against FADD, FADD: 2), STG, EXIT
+    assert p["body"] == 7 and p["mufu"] == 1 and p["loops"] == []
+    # the shorter arm made longer: the other path is taken, and its MUFU-free count
+    longer_else = DIAMOND_SASS.replace("/*0070*/                   STG", "/*0068*/                   FADD R1, R1, R2 ;\n"
+                                       "        /*0069*/                   FADD R1, R1, R2 ;\n        /*0070*/                   STG")
+    q = compile_check.sass_profile(longer_else)
+    assert q["body"] == 8 and q["mufu"] == 0
+
+
 def test_main_writes_json_and_returns_zero(tmp_path, capsys):
     path = tmp_path / "kernels.json"
     status = compile_check.main(["--target", "sm_90", "--kernels", "_gn_combine_kernel", "--json", str(path)])
