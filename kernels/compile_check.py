@@ -245,15 +245,24 @@ def update_step_variants() -> list[Variant]:
                 p = plan_update_step(cl_c, cl_hw, "channels_last", True)
                 args = dict(x_ptr=_ptr(dt), m_ptr=_ptr(dt), out_ptr=_ptr(dt), coeffs_ptr=_ptr(torch.float32), **step,
                             n_steps=n_steps, seeds_ptr=_ptr(torch.int64), streams_ptr=_ptr(torch.int64),
-                            clip_lo=-1.0, clip_hi=1.0, C=cl_c, HW=cl_hw)
-                cx = dict(QUADS=p.quads, BLOCK_P=p.block_p, BLOCK_C=p.block_c, FULL_C=p.full_c, EXACT_C=p.exact_c)
-                units = cl_philox_quads(cl_hw, p.quads)  # pixel quads along the grid's first axis
+                            clip_lo=-1.0, clip_hi=1.0, HW=cl_hw)
+                units = cl_philox_quads(cl_hw, p.quads)  # pixel quads per channel
+                if p.kernel == "cl_pairs":
+                    kernel = "_update_step_cl_pairs_kernel"
+                    args["n_quads"] = units
+                    cx = dict(C=cl_c, QUADS=p.quads, BLOCK=p.block, EVEN=p.even)
+                    programs = -(-units * cl_c // p.block) * cl_n
+                else:
+                    kernel = "_update_step_cl_philox_kernel"
+                    args["C"] = cl_c
+                    cx = dict(QUADS=p.quads, BLOCK_P=p.block_p, BLOCK_C=p.block_c, FULL_C=p.full_c,
+                              EXACT_C=p.exact_c)
+                    programs = -(-units // p.block_p) * -(-cl_c // p.block_c) * cl_n
                 roof = dict(shape=_shape_text(cl_n, cl_c, cl_hw), elements=cl_n * cl_c * cl_hw, loop_trips=[],
-                            programs=-(-units // p.block_p) * -(-cl_c // p.block_c) * cl_n,
-                            bytes=3 * s * cl_n * cl_c * cl_hw)
-                out.append(Variant("update_step_kernels", "_update_step_cl_philox_kernel",
-                                   f"{d} cl philox {'quads' if p.quads else 'unaligned'} c{cl_c} step:{step_kind}", args, cx,
-                                   p.num_warps, FP_FUSION, roofline=roof))
+                            programs=programs, bytes=3 * s * cl_n * cl_c * cl_hw)
+                name = f"{d} cl philox {'quads' if p.quads else 'unaligned'} c{cl_c} step:{step_kind}"
+                out.append(Variant("update_step_kernels", kernel, name, args, cx, p.num_warps, FP_FUSION,
+                                   roofline=roof))
         p = plan_gaussian_noise()
         for stream_kind in ("int", "tensor"):
             stream = dict(stream_ptr=_ptr(torch.int64), stream_value=0, stream_from_ptr=1) if stream_kind == "tensor" \
@@ -581,7 +590,8 @@ def split_path_rows(rows: list[dict]) -> list[dict]:
 
 
 # The variants the sampler runs every step at scale: goal memory-bound with >= 15% margin (issue 9).
-HOT_KERNELS = ("_gn_single_kernel", "group_norm_split", "_update_step_kernel", "_update_step_cl_philox_kernel")
+HOT_KERNELS = ("_gn_single_kernel", "group_norm_split", "_update_step_kernel", "_update_step_cl_philox_kernel",
+               "_update_step_cl_pairs_kernel")
 MARGIN_GOAL = 0.15
 
 

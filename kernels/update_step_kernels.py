@@ -8,8 +8,8 @@ and ``c`` the coefficient row of this step:
     prev = c.prev_from_x0 * x0 + c.prev_from_eps * eps + c.prev_from_x * x + c.noise_std * z
 
 in float32, left to right, every product and sum rounded once, exactly as the reference (subtract first, then
-scale: see STEP_COEFFS); with Philox noise each ``a * b + c`` of that order is one fma (below). The coefficient row and the Philox stream are read on the device from
-``coeffs_ptr + step * N_STEP_COEFFS`` and
+scale: see STEP_COEFFS); with Philox noise each ``a * b + c`` of that order is one fma (below). The coefficient
+row and the Philox stream are read on the device from ``coeffs_ptr + step * N_STEP_COEFFS`` and
 ``streams_ptr + step``, where ``step`` is either a launch argument or read from an integer device tensor,
 so a step is capturable in a CUDA graph and never recompiles (coefficients are runtime data).
 
@@ -21,7 +21,8 @@ special-function unit (``lg2``/``sqrt``/``sin``/``cos.approx.ftz.f32``: about 8 
 about 35 for correctly rounded or polynomial versions, which made every Philox step issue-bound on an H200), so
 the noise matches the reference to a tolerance, not to the bit: CUDA's __log2f/__sinf/__cosf, which compile to
 the same instructions, document absolute errors of about 2**-22 (log2 on [0.5, 2]) and 2**-21 (sin and cos on
-[-pi, pi], the range the angle is formed in); see tests/kernel_device.py for the resulting bound. Under the interpreter the same helpers use numpy's functions.
+[-pi, pi], the range the angle is formed in); see tests/kernel_device.py for the resulting bound. Under the
+interpreter the same helpers use numpy's functions.
 
 The launchers run with ``enable_fp_fusion=False``: without Philox noise the update rounds every product and sum
 separately, exactly as the reference (DDIM's x0/eps algebra cancels, so contraction would only add disagreement
@@ -139,15 +140,6 @@ def _philox_words(counter, stream, seed):
 
 
 @triton.jit
-def _normal4(counter, stream, seed):
-    """Four standard normals per uint32 ``counter`` (any shape), from ``_philox_words``."""
-    r0, r1, r2, r3 = _philox_words(counter, stream, seed)
-    rad01, cos01, sin01 = _box_muller_polar(r0, r1)
-    rad23, cos23, sin23 = _box_muller_polar(r2, r3)
-    return rad01 * cos01, rad01 * sin01, rad23 * cos23, rad23 * sin23
-
-
-@triton.jit
 def _scaled_normal4(counter, stream, seed, scale):
     """``scale`` times the four normals of ``_normal4`` as (radius, factor) pairs: scale * n_k = rad_k * f_k with
     rad_0 = rad_1 (f_0 = cos, f_1 = sin) and rad_2 = rad_3, so an update adds each with one fma and the scale
@@ -156,6 +148,13 @@ def _scaled_normal4(counter, stream, seed, scale):
     rad01, cos01, sin01 = _box_muller_polar(r0, r1)
     rad23, cos23, sin23 = _box_muller_polar(r2, r3)
     return rad01 * scale, cos01, sin01, rad23 * scale, cos23, sin23
+
+
+@triton.jit
+def _normal4(counter, stream, seed):
+    """Four standard normals per uint32 ``counter`` (any shape), from ``_philox_words``."""
+    rad01, cos01, sin01, rad23, cos23, sin23 = _scaled_normal4(counter, stream, seed, 1.0)
+    return rad01 * cos01, rad01 * sin01, rad23 * cos23, rad23 * sin23
 
 
 @triton.jit
@@ -383,6 +382,60 @@ def _update_step_cl_philox_kernel(
 
 
 @triton.jit
+def _update_step_cl_pairs_kernel(
+    x_ptr,  # sample x_t: [N, H, W, C] memory order (channels_last)
+    m_ptr,  # model output, same layout
+    out_ptr,  # x_{t-1}, same layout (may alias x_ptr)
+    coeffs_ptr,  # float32 [n_steps, N_STEP_COEFFS] coefficient table, row-major
+    step_ptr,  # integer device scalar holding the step index (read only when step_from_ptr != 0)
+    step_value,  # int32 step index added to the value read
+    step_from_ptr,  # int32: 1 = read the step index from step_ptr
+    n_steps,  # int32 rows of coeffs
+    seeds_ptr,  # int64 [N] per-image Philox seeds
+    streams_ptr,  # integer [n_steps] Philox stream of each step
+    clip_lo,  # float32 lower bound of x0 (-inf: no clipping)
+    clip_hi,  # float32 upper bound of x0 (+inf: no clipping)
+    HW,  # int32 pixels per image (H * W)
+    n_quads,  # int32 pixel quads per channel (cl_philox_quads)
+    C: tl.constexpr,  # channels (a small count that is not a power of two, e.g. 3)
+    QUADS: tl.constexpr,  # True when HW % 4 == 0
+    BLOCK: tl.constexpr,  # (pixel quad, channel) pairs per program
+    EVEN: tl.constexpr,  # QUADS and the programs cover the pairs exactly: no mask at all
+):
+    """Update step with Philox noise on channels_last tensors with few channels; the noise and the quads of
+    ``_update_step_cl_philox_kernel`` (element (c, p) takes n[(c * HW + p) % 4] of counter (c * HW + p) // 4), but
+    the program walks (quad, channel) pairs t = q * C + c in memory order instead of a [quads, channels] tile: a
+    channel tile padded to a power of two would leave lanes masked (a quarter of them for C = 3), here every lane
+    is a real Philox call whose four values are the four pixels of its quad in that channel. Bytes per element:
+    reads 2 * s (x, m), writes s (float16: 6 bytes).
+    """
+    pid = tl.program_id(0)
+    img = tl.program_id(1)
+    c, stream = _load_step(coeffs_ptr, step_ptr, step_value, step_from_ptr, n_steps, streams_ptr, 2)
+    seed = tl.load(seeds_ptr + img)
+    pair = pid * BLOCK + tl.arange(0, BLOCK)
+    quad = pair // C
+    ch = pair - quad * C
+    if QUADS:
+        counter = (ch * (HW // 4) + quad).to(tl.uint32)
+        pix = quad * 4  # lane-0 pixel of each quad
+    else:
+        first = ch * HW  # logical index of each channel's pixel 0
+        counter = ((first >> 2) + quad).to(tl.uint32)
+        pix = quad * 4 - (first & 3)
+    rad01, cos01, sin01, rad23, cos23, sin23 = _scaled_normal4(counter, stream, seed, c[10])
+    if EVEN:  # a constant mask: loads and stores without predicates or fill values
+        mask = tl.full([BLOCK], 1, tl.int1)
+    else:  # with QUADS every pixel of a real quad is real; else _update_lane adds 0 <= pixel < HW
+        mask = quad < n_quads
+    offs = img.to(tl.int64) * C * HW + pix * C + ch
+    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 0, C, HW, mask, cos01, rad01, c, clip_lo, clip_hi, QUADS)
+    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 1, C, HW, mask, sin01, rad01, c, clip_lo, clip_hi, QUADS)
+    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 2, C, HW, mask, cos23, rad23, c, clip_lo, clip_hi, QUADS)
+    _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 3, C, HW, mask, sin23, rad23, c, clip_lo, clip_hi, QUADS)
+
+
+@triton.jit
 def _gaussian_noise_kernel(
     out_ptr,  # noise [N, numel_img], NCHW-contiguous
     seeds_ptr,  # int64 [N] per-image seeds
@@ -415,21 +468,29 @@ def _gaussian_noise_kernel(
 class StepPlan:
     """Block sizes and warps of one update-step (or noise) launch."""
 
-    kernel: str  # "flat" (_update_step_kernel), "cl_philox" (_update_step_cl_philox_kernel) or "noise"
-    block: int  # flat / noise: elements per program
+    kernel: str  # "flat" (_update_step_kernel), "cl_philox" (_update_step_cl_philox_kernel), "cl_pairs"
+    # (_update_step_cl_pairs_kernel) or "noise"
+    block: int  # flat / noise: elements per program; cl_pairs: (pixel quad, channel) pairs per program
     block_p: int  # cl_philox: pixels (or pixel quads) per program
     block_c: int  # cl_philox: channels per program
     quads: bool  # cl_philox: HW % 4 == 0
     num_warps: int
     full_c: bool = False  # cl_philox: C % block_c == 0 (no channel mask, so stores vectorise along channels)
     exact_c: bool = False  # cl_philox: C == block_c (the pixel stride is a compile-time constant)
+    even: bool = False  # cl_pairs: quads, and the programs cover the (quad, channel) pairs exactly (no mask)
+
+
+CL_PAIRS_BLOCK = 1024  # pairs per program: 8 pairs (32 elements) a thread at 4 warps
 
 
 def plan_update_step(c: int, hw: int, layout: str, philox: bool) -> StepPlan:
     """The one place that picks block sizes for the update step (launcher and compile check)."""
     if layout == CHANNELS_LAST and philox:
-        block_c = min(next_pow2(c), 64)
         quads = hw % 4 == 0
+        if c < 16 and c & (c - 1):  # few channels, not a power of two: a channel tile would run lanes masked
+            even = quads and hw // 4 * c % CL_PAIRS_BLOCK == 0
+            return StepPlan("cl_pairs", CL_PAIRS_BLOCK, 0, 0, quads, 4, even=even)
+        block_c = min(next_pow2(c), 64)
         # 1024 elements per program: 4 sub-tiles of block_p quads * block_c channels
         block_p = max(1, 2048 // block_c)
         return StepPlan("cl_philox", 0, block_p, block_c, quads, 4, c % block_c == 0, c == block_c)
@@ -539,6 +600,13 @@ def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, no
             sample, model_output, out, coeffs, step_ptr, step_value, step_from_ptr, n_steps, seeds_arg, streams_arg,
             clip_lo, clip_hi, c, hw, QUADS=plan.quads, BLOCK_P=plan.block_p, BLOCK_C=plan.block_c, FULL_C=plan.full_c,
             EXACT_C=plan.exact_c,
+            num_warps=plan.num_warps, num_stages=1, enable_fp_fusion=FP_FUSION)
+    elif plan.kernel == "cl_pairs":
+        n_quads = cl_philox_quads(hw, plan.quads)
+        grid = (cdiv(n_quads * c, plan.block), n)
+        _update_step_cl_pairs_kernel[grid](
+            sample, model_output, out, coeffs, step_ptr, step_value, step_from_ptr, n_steps, seeds_arg, streams_arg,
+            clip_lo, clip_hi, hw, n_quads, C=c, QUADS=plan.quads, BLOCK=plan.block, EVEN=plan.even,
             num_warps=plan.num_warps, num_stages=1, enable_fp_fusion=FP_FUSION)
     else:
         grid = (cdiv(numel_img, plan.block), n)

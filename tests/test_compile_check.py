@@ -53,8 +53,8 @@ def test_variant_list_covers_the_engine():
     variants = compile_check.all_variants()
     names = {v.kernel for v in variants}
     assert names == {"_gn_single_kernel", "_gn_stats_kernel", "_gn_combine_kernel", "_gn_apply_kernel",
-                     "_update_step_kernel", "_update_step_cl_philox_kernel", "_gaussian_noise_kernel",
-                     "_dpm_step_kernel"}
+                     "_update_step_kernel", "_update_step_cl_philox_kernel", "_update_step_cl_pairs_kernel",
+                     "_gaussian_noise_kernel", "_dpm_step_kernel"}
     labels = {(v.kernel, v.variant) for v in variants}
     assert len(labels) == len(variants), "duplicate variant labels"
     single = [v.variant for v in variants if v.kernel == "_gn_single_kernel"]
@@ -156,8 +156,9 @@ def test_sass_profile_counts_one_arm_of_an_if_else():
     # S2R, BRA, then the longer arm (FMUL, MUFU, BRA: 3, against FADD, FADD: 2), STG, EXIT
     assert p["body"] == 7 and p["mufu"] == 1 and p["loops"] == []
     # the shorter arm made longer: the other path is taken, and its MUFU-free count
-    longer_else = DIAMOND_SASS.replace("/*0070*/                   STG", "/*0068*/                   FADD R1, R1, R2 ;\n"
-                                       "        /*0069*/                   FADD R1, R1, R2 ;\n        /*0070*/                   STG")
+    extra = "        /*0068*/                   FADD R1, R1, R2 ;\n        /*0069*/                   FADD R1, R1, R2 ;\n"
+    store = "        /*0070*/                   STG"
+    longer_else = DIAMOND_SASS.replace(store, extra + store)
     q = compile_check.sass_profile(longer_else)
     assert q["body"] == 8 and q["mufu"] == 0
 

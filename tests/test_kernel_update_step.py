@@ -12,6 +12,8 @@ fresh random every run and outputs start as NaN.
 # first: settles TRITON_INTERPRET before the kernel modules load
 from kernel_device import DEVICE, PHILOX_F32_RTOL, gpu_only, randn
 
+from itertools import zip_longest
+
 import pytest
 import torch
 
@@ -142,9 +144,10 @@ def fused_update(x, m, row, clip):
 def test_dtypes_layouts_noise(dtype, layout, noise_mode):
     """7x5 maps (numel per image 105, not a multiple of 4; channels_last takes the unaligned-quads Philox path),
     8x8 maps (channels_last Philox by pixel quads) and 5x7 maps with 4 channels (unaligned quads, every channel
-    tile full: no channel mask). C = 4 fills its channel tile, C = 3 does not."""
+    tile full: no channel mask). C = 4 fills its channel tile; C = 3 and C = 6 (6x5 maps, unaligned) take the
+    (quad, channel) pairs kernel."""
     coeffs = table("ddim", "epsilon", 1.0)
-    for i, shape in enumerate([(3, 3, 7, 5), (2, 4, 8, 8), (2, 4, 5, 7)]):
+    for i, shape in enumerate([(3, 3, 7, 5), (2, 4, 8, 8), (2, 4, 5, 7), (2, 6, 6, 5)]):
         x, m = make(shape, dtype, layout), make(shape, dtype, layout)
         step = 2 if i == 0 else torch.tensor(1, dtype=torch.int32, device=DEVICE)
         run_both(x, m, coeffs, step, noise_mode, clip=1.0 if i == 1 else None)
@@ -175,11 +178,11 @@ def test_full_matrix(dtype, layout, noise_mode, clip, step_kind):
 
 # (shape, layout): every image spans several programs in each grid dimension of its kernel (checked below).
 # NCHW / noise-free / noise-tensor steps run the flat kernel (2048 elements a program): 3 x 41 x 37 = 4551
-# elements an image is 3 programs, the last one partial. channels_last Philox runs the tile kernel (64 channels
-# and 16 pixel quads a program, or 4 channels and 256 quads for C = 3): C = 67 is 2 channel programs; 12 x 12
-# (36 quads) and 11 x 13 (143 pixels: a channel's quads start up to 3 pixels early, 37 quads) are 3 pixel programs
-# each, quads and unaligned paths; C = 3 with 48 x 48 (576 quads) and 47 x 49 (577 quads) gives 3 pixel programs
-# of the small-C plan.
+# elements an image is 3 programs, the last one partial. channels_last Philox runs the tile kernel for C = 67 (64
+# channels and 32 pixel quads a program): 2 channel programs; 12 x 12 (36 quads) and 11 x 13 (143 pixels: a
+# channel's quads start up to 3 pixels early, 37 quads) are 2 pixel programs each, quads and unaligned paths.
+# C = 3 runs the (quad, channel) pairs kernel (1024 pairs a program): 48 x 48 (576 quads, 1728 pairs) and
+# 47 x 49 (577 quads) are 2 programs each.
 MULTI_PROGRAM_SHAPES = {
     "nchw": [(2, 3, 41, 37)],
     "channels_last": [(2, 67, 12, 12), (2, 67, 11, 13), (2, 3, 48, 48), (2, 3, 47, 49)],
@@ -194,6 +197,8 @@ def programs_per_image(shape, layout, philox):
     plan = plan_update_step(c, h * w, layout, philox)
     if plan.kernel == "cl_philox":
         return [-(-cl_philox_quads(h * w, plan.quads) // plan.block_p), -(-c // plan.block_c)]
+    if plan.kernel == "cl_pairs":
+        return [-(-cl_philox_quads(h * w, plan.quads) * c // plan.block)]
     return [-(-c * h * w // plan.block)]
 
 
@@ -216,7 +221,7 @@ def test_several_programs_per_image(dtype, layout, noise_mode):
     if dtype != torch.float32:
         shapes = shapes[:2]  # the interpreter's time: f32 takes all four tile shapes, half precision the C = 67 ones
     counts = [programs_per_image(shape, layout, noise_mode == "philox") for shape in shapes]
-    assert all(c[0] >= 2 for c in counts) and all(max(dim) >= 2 for dim in zip(*counts)), \
+    assert all(c[0] >= 2 for c in counts) and all(max(dim) >= 2 for dim in zip_longest(*counts, fillvalue=0)), \
         f"{layout} {noise_mode}: {counts} programs per image, not several in every grid dimension"
     for shape in shapes:
         x, m = make(shape, dtype, layout), make(shape, dtype, layout)
