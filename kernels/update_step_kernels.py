@@ -231,6 +231,13 @@ def _update(x, m, z, z_rad, c, clip_lo, clip_hi, NOISE: tl.constexpr, SHORTCUTS:
 
 
 @triton.jit
+def _lanes4(a, b, c, d):
+    """The [R, 4] tile whose row i is (a[i], b[i], c[i], d[i]), for [R] tensors, in registers:
+    join(join(a, c), join(b, d))[i, j, k] is element 2j + k of that row."""
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [a.shape[0], 4])
+
+
+@triton.jit
 def _update_tile(x_ptr, m_ptr, out_ptr, offs, mask, z, z_rad, c, clip_lo, clip_hi):
     """Load x and m at ``offs``, apply ``_update`` with noise z_rad * z, store x_{t-1}: one tile of the quad path."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -298,10 +305,9 @@ def _update_step_kernel(
     elif NOISE == 2:
         seed = tl.load(seeds_ptr + img)
         rad01, cos01, sin01, rad23, cos23, sin23 = _scaled_normal4(quad.to(tl.uint32), stream, seed, c[10])
-        # join(join(a, b), join(c, d)) is [R, 2, 2] with [r, j, k] = (a, c, b, d)[2j + k]: reshape gives element
-        # 4r + 2j + k, so lanes 0..3 take (rad01 cos01, rad01 sin01, rad23 cos23, rad23 sin23)
-        z_rad = tl.reshape(tl.join(tl.join(rad01, rad23), tl.join(rad01, rad23)), [BLOCK // 4, 4])
-        z = tl.reshape(tl.join(tl.join(cos01, cos23), tl.join(sin01, sin23)), [BLOCK // 4, 4])
+        # lanes 0..3 take (rad01 cos01, rad01 sin01, rad23 cos23, rad23 sin23)
+        z_rad = _lanes4(rad01, rad01, rad23, rad23)
+        z = _lanes4(cos01, sin01, cos23, sin23)
     else:
         z = x  # unused
         z_rad = x
@@ -436,6 +442,61 @@ def _update_step_cl_pairs_kernel(
 
 
 @triton.jit
+def _update_step_cl_rgb_kernel(
+    x_ptr,  # sample x_t: [N, H, W, 3] memory order (channels_last)
+    m_ptr,  # model output, same layout
+    out_ptr,  # x_{t-1}, same layout (may alias x_ptr)
+    coeffs_ptr,  # float32 [n_steps, N_STEP_COEFFS] coefficient table, row-major
+    step_ptr,  # integer device scalar holding the step index (read only when step_from_ptr != 0)
+    step_value,  # int32 step index added to the value read
+    step_from_ptr,  # int32: 1 = read the step index from step_ptr
+    n_steps,  # int32 rows of coeffs
+    seeds_ptr,  # int64 [N] per-image Philox seeds
+    streams_ptr,  # integer [n_steps] Philox stream of each step
+    clip_lo,  # float32 lower bound of x0 (-inf: no clipping)
+    clip_hi,  # float32 upper bound of x0 (+inf: no clipping)
+    HW,  # int32 pixels per image (H * W), a multiple of 4
+    BLOCK_Q: tl.constexpr,  # pixel quads per program
+    EVEN: tl.constexpr,  # the programs cover the HW / 4 quads exactly: no mask at all
+):
+    """Update step with Philox noise on channels_last tensors with three channels (RGB) and HW % 4 == 0; the noise
+    of ``_update_step_cl_philox_kernel`` (element (c, p) takes n[p % 4] of counter c * HW / 4 + p // 4).
+
+    Pixel quad q (pixels 4q .. 4q + 3) is 12 contiguous elements, offset 3k + c for pixel 4q + k and channel c,
+    whose noise is n_k of the three Philox calls c * HW / 4 + q. One thread draws the three and updates the quad as
+    three groups of four contiguous elements (vector accesses), so no lane is padded, masked or exchanged.
+    Bytes per element: reads 2 * s (x, m), writes s (float16: 6 bytes).
+    """
+    pid = tl.program_id(0)
+    img = tl.program_id(1)
+    c, stream = _load_step(coeffs_ptr, step_ptr, step_value, step_from_ptr, n_steps, streams_ptr, 2)
+    seed = tl.load(seeds_ptr + img)
+    quad = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    counter = quad.to(tl.uint32)
+    quads = (HW // 4).to(tl.uint32)
+    # channel c of the quad: n_0..n_3 = (r01 cos01, r01 sin01, r23 cos23, r23 sin23), noise_std in the radii
+    r01_0, cos01_0, sin01_0, r23_0, cos23_0, sin23_0 = _scaled_normal4(counter, stream, seed, c[10])
+    r01_1, cos01_1, sin01_1, r23_1, cos23_1, sin23_1 = _scaled_normal4(counter + quads, stream, seed, c[10])
+    r01_2, cos01_2, sin01_2, r23_2, cos23_2, sin23_2 = _scaled_normal4(counter + 2 * quads, stream, seed, c[10])
+    if EVEN:  # a constant mask: loads and stores without predicates or fill values
+        mask = tl.full([BLOCK_Q, 4], 1, tl.int1)
+    else:
+        mask = tl.broadcast_to((quad < HW // 4)[:, None], [BLOCK_Q, 4])
+    # 12 * (HW // 4) = 3 * HW, written so the compiler sees every group start on a multiple of 4 elements
+    image = img.to(tl.int64) * (HW // 4) * 12
+    offs = image + quad[:, None] * 12 + tl.arange(0, 4)[None, :]
+    # elements 0..3 of the quad: (k, c) = (0, 0), (0, 1), (0, 2), (1, 0)
+    _update_tile(x_ptr, m_ptr, out_ptr, offs, mask, _lanes4(cos01_0, cos01_1, cos01_2, sin01_0),
+                 _lanes4(r01_0, r01_1, r01_2, r01_0), c, clip_lo, clip_hi)
+    # elements 4..7: (1, 1), (1, 2), (2, 0), (2, 1)
+    _update_tile(x_ptr, m_ptr, out_ptr, offs + 4, mask, _lanes4(sin01_1, sin01_2, cos23_0, cos23_1),
+                 _lanes4(r01_1, r01_2, r23_0, r23_1), c, clip_lo, clip_hi)
+    # elements 8..11: (2, 2), (3, 0), (3, 1), (3, 2)
+    _update_tile(x_ptr, m_ptr, out_ptr, offs + 8, mask, _lanes4(cos23_2, sin23_0, sin23_1, sin23_2),
+                 _lanes4(r23_2, r23_0, r23_1, r23_2), c, clip_lo, clip_hi)
+
+
+@triton.jit
 def _gaussian_noise_kernel(
     out_ptr,  # noise [N, numel_img], NCHW-contiguous
     seeds_ptr,  # int64 [N] per-image seeds
@@ -454,7 +515,7 @@ def _gaussian_noise_kernel(
     quad = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
     offs = quad[:, None] * 4 + tl.arange(0, 4)[None, :]
     n0, n1, n2, n3 = _normal4(quad.to(tl.uint32), stream, seed)
-    z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK // 4, 4])
+    z = _lanes4(n0, n1, n2, n3)
     base = img.to(tl.int64) * numel_img
     tl.store(out_ptr + base + offs, z.to(out_ptr.dtype.element_ty), mask=offs < numel_img)
 
@@ -469,24 +530,28 @@ class StepPlan:
     """Block sizes and warps of one update-step (or noise) launch."""
 
     kernel: str  # "flat" (_update_step_kernel), "cl_philox" (_update_step_cl_philox_kernel), "cl_pairs"
-    # (_update_step_cl_pairs_kernel) or "noise"
-    block: int  # flat / noise: elements per program; cl_pairs: (pixel quad, channel) pairs per program
+    # (_update_step_cl_pairs_kernel), "cl_rgb" (_update_step_cl_rgb_kernel) or "noise"
+    block: int  # flat / noise: elements per program; cl_pairs: (pixel quad, channel) pairs per program; cl_rgb:
+    # pixel quads per program
     block_p: int  # cl_philox: pixels (or pixel quads) per program
     block_c: int  # cl_philox: channels per program
     quads: bool  # cl_philox: HW % 4 == 0
     num_warps: int
     full_c: bool = False  # cl_philox: C % block_c == 0 (no channel mask, so stores vectorise along channels)
     exact_c: bool = False  # cl_philox: C == block_c (the pixel stride is a compile-time constant)
-    even: bool = False  # cl_pairs: quads, and the programs cover the (quad, channel) pairs exactly (no mask)
+    even: bool = False  # cl_pairs / cl_rgb: quads, and the programs cover the pairs / quads exactly (no mask)
 
 
 CL_PAIRS_BLOCK = 1024  # pairs per program: 8 pairs (32 elements) a thread at 4 warps
+CL_RGB_BLOCK = 512  # pixel quads per program: 4 quads (48 elements) a thread at 4 warps
 
 
 def plan_update_step(c: int, hw: int, layout: str, philox: bool) -> StepPlan:
     """The one place that picks block sizes for the update step (launcher and compile check)."""
     if layout == CHANNELS_LAST and philox:
         quads = hw % 4 == 0
+        if c == 3 and quads:  # RGB: a thread owns a pixel quad's 12 contiguous elements
+            return StepPlan("cl_rgb", CL_RGB_BLOCK, 0, 0, quads, 4, even=hw // 4 % CL_RGB_BLOCK == 0)
         if c < 16 and c & (c - 1):  # few channels, not a power of two: a channel tile would run lanes masked
             even = quads and hw // 4 * c % CL_PAIRS_BLOCK == 0
             return StepPlan("cl_pairs", CL_PAIRS_BLOCK, 0, 0, quads, 4, even=even)
@@ -607,6 +672,12 @@ def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, no
         _update_step_cl_pairs_kernel[grid](
             sample, model_output, out, coeffs, step_ptr, step_value, step_from_ptr, n_steps, seeds_arg, streams_arg,
             clip_lo, clip_hi, hw, n_quads, C=c, QUADS=plan.quads, BLOCK=plan.block, EVEN=plan.even,
+            num_warps=plan.num_warps, num_stages=1, enable_fp_fusion=FP_FUSION)
+    elif plan.kernel == "cl_rgb":
+        grid = (cdiv(hw // 4, plan.block), n)
+        _update_step_cl_rgb_kernel[grid](
+            sample, model_output, out, coeffs, step_ptr, step_value, step_from_ptr, n_steps, seeds_arg, streams_arg,
+            clip_lo, clip_hi, hw, BLOCK_Q=plan.block, EVEN=plan.even,
             num_warps=plan.num_warps, num_stages=1, enable_fp_fusion=FP_FUSION)
     else:
         grid = (cdiv(numel_img, plan.block), n)

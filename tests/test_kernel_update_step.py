@@ -153,6 +153,33 @@ def test_dtypes_layouts_noise(dtype, layout, noise_mode):
         run_both(x, m, coeffs, step, noise_mode, clip=1.0 if i == 1 else None)
 
 
+# Every channels_last Philox path of the launcher: (shape, kernel, H * W % 4 == 0, no mask at all). The plan is
+# checked first, so a change of plan cannot silently leave a path untested.
+CL_PHILOX_PATHS = {
+    "rgb": ((2, 3, 6, 6), "cl_rgb", True, False),  # 9 quads: one partial program
+    "rgb-even": ((1, 3, 32, 64), "cl_rgb", True, True),  # 512 quads: one whole program
+    "pairs-unaligned": ((2, 3, 5, 7), "cl_pairs", False, False),
+    "pairs-quads": ((2, 6, 4, 6), "cl_pairs", True, False),
+    "pairs-even": ((1, 6, 32, 64), "cl_pairs", True, True),  # 512 quads x 6 channels = 3 x 1024 pairs
+    "tile-exact": ((2, 4, 4, 6), "cl_philox", True, False),
+    "tile-masked-c": ((2, 5 * 4, 3, 3), "cl_philox", False, False),  # 20 channels in a 32-channel tile
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("path", list(CL_PHILOX_PATHS))
+def test_channels_last_philox_paths(dtype, path):
+    """Each channels_last Philox kernel and mask form against the reference, device step index, clipping on."""
+    from fastdiff.kernels.update_step_kernels import plan_update_step
+
+    shape, kernel, quads, even = CL_PHILOX_PATHS[path]
+    plan = plan_update_step(shape[1], shape[2] * shape[3], "channels_last", True)
+    assert (plan.kernel, plan.quads, plan.even) == (kernel, quads, even), plan
+    coeffs = table("ddim", "epsilon", 1.0)
+    x, m = make(shape, dtype, "channels_last"), make(shape, dtype, "channels_last")
+    run_both(x, m, coeffs, torch.tensor(2, device=DEVICE), "philox", clip=1.0)
+
+
 def test_philox_fp32_error_is_rounding_only():
     """float32 with Philox noise held to PHILOX_F32_RTOL, far inside RTOL[float32] = 1e-5."""
     coeffs = table("ddpm", "epsilon")
@@ -181,8 +208,8 @@ def test_full_matrix(dtype, layout, noise_mode, clip, step_kind):
 # elements an image is 3 programs, the last one partial. channels_last Philox runs the tile kernel for C = 67 (64
 # channels and 32 pixel quads a program): 2 channel programs; 12 x 12 (36 quads) and 11 x 13 (143 pixels: a
 # channel's quads start up to 3 pixels early, 37 quads) are 2 pixel programs each, quads and unaligned paths.
-# C = 3 runs the (quad, channel) pairs kernel (1024 pairs a program): 48 x 48 (576 quads, 1728 pairs) and
-# 47 x 49 (577 quads) are 2 programs each.
+# C = 3 runs the RGB kernel with H * W % 4 == 0 (512 pixel quads a program): 48 x 48 (576 quads) is 2 programs;
+# 47 x 49 runs the (quad, channel) pairs kernel (1024 pairs a program; 577 quads, 1731 pairs): 2 programs.
 MULTI_PROGRAM_SHAPES = {
     "nchw": [(2, 3, 41, 37)],
     "channels_last": [(2, 67, 12, 12), (2, 67, 11, 13), (2, 3, 48, 48), (2, 3, 47, 49)],
@@ -199,6 +226,8 @@ def programs_per_image(shape, layout, philox):
         return [-(-cl_philox_quads(h * w, plan.quads) // plan.block_p), -(-c // plan.block_c)]
     if plan.kernel == "cl_pairs":
         return [-(-cl_philox_quads(h * w, plan.quads) * c // plan.block)]
+    if plan.kernel == "cl_rgb":
+        return [-(-(h * w // 4) // plan.block)]
     return [-(-c * h * w // plan.block)]
 
 
