@@ -203,9 +203,12 @@ def _run_sample(args) -> int:
 
     ranks = distributed.from_environment()  # one process, or this rank of a torchrun launch
     try:
-        return _sample_on(ranks, args, scheduler_options)
-    finally:
-        ranks.close()
+        code = _sample_on(ranks, args, scheduler_options)
+    except BaseException:
+        ranks.close(meet=False)
+        raise
+    ranks.close()
+    return code
 
 
 def _sample_on(ranks, args, scheduler_options) -> int:

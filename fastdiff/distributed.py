@@ -130,11 +130,16 @@ class Ranks:
             rank, (text, code) = failures[0]
             raise RankFailedError(f"rank {rank} failed while {name}: {text}", code)
 
-    def close(self) -> None:
+    def close(self, meet: bool = True) -> None:
+        """Leave the process group. ``meet``: after a run that succeeded on every rank, wait for the others first,
+        so no rank tears its connections down while another still reads from them (gloo can abort the process
+        then); after a failure the ranks may not all get here, so each leaves at once."""
         if self.distributed:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if meet:
+                    dist.barrier()
                 dist.destroy_process_group()
 
 

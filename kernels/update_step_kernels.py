@@ -21,13 +21,14 @@ special-function unit (``lg2``/``sqrt``/``sin``/``cos.approx.ftz.f32``: about 8 
 about 35 for correctly rounded or polynomial versions, which made every Philox step issue-bound on an H200), so
 the noise matches the reference to a tolerance, not to the bit: CUDA's __log2f/__sinf/__cosf, which compile to
 the same instructions, document absolute errors of about 2**-22 (log2 on [0.5, 2]) and 2**-21 (sin and cos on
-[-pi, pi], the range the angle is formed in); see tests/kernel_device.py for the resulting bound. Under the
+[-pi, pi], the range the angle is formed in). Within 2**-11 of u = 1, where log2's absolute error would be most
+of a small radius, -2 ln u is a series in 1 - u. See tests/kernel_device.py for the resulting bound. Under the
 interpreter the same helpers use numpy's functions.
 
 The launchers run with ``enable_fp_fusion=False``: without Philox noise the update rounds every product and sum
 separately, exactly as the reference (DDIM's x0/eps algebra cancels, so contraction would only add disagreement
-there). With Philox noise, already held to a tolerance, ``_update`` writes each ``a * b + c`` as an explicit
-``tl.fma`` (fewer instructions, one rounding fewer).
+there). With Philox noise, already held to a tolerance, ``_update`` folds eps into prev and writes each
+``a * b + c`` as an explicit ``tl.fma`` (9 instructions an element instead of 19; see ``_update``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ _KEY_A: tl.constexpr = tl.constexpr(0x9E3779B9)
 _KEY_B: tl.constexpr = tl.constexpr(0xBB67AE85)
 _ROUNDS: tl.constexpr = tl.constexpr(10)
 _MINUS_2_LN2: tl.constexpr = tl.constexpr(-2.0 * math.log(2.0))
+_SERIES_BELOW: tl.constexpr = tl.constexpr(2.0**-11)  # 1 - u below which -2 ln u is a series in 1 - u
 _ANGLE_STEP: tl.constexpr = tl.constexpr(2.0 * math.pi * 2.0**-24)  # 2 pi u_b - pi = k * step + start, k = r >> 8
 _ANGLE_START: tl.constexpr = tl.constexpr(2.0 * math.pi * 2.0**-25 - math.pi)
 
@@ -123,7 +125,12 @@ def _box_muller_polar(r_rad, r_ang):
     # (cos, sin)(2 pi u_b) = -(cos, sin)(2 pi u_b - pi), an angle in (-pi, pi) formed by one fma; the sign goes
     # to the radius
     angle = tl.fma((r_ang >> 8).to(tl.float32), _ANGLE_STEP, _ANGLE_START)
-    neg_rad = -tl.sqrt(_log2_approx(u_rad) * _MINUS_2_LN2)
+    # -2 ln u. Near u = 1 the special-function log2's absolute error (about 2**-22) would be most of a tiny
+    # radius (up to 6e-4 of error on values below 0.01), so there, with t = 1 - u (exact), -2 ln(1 - t) =
+    # 2t + t^2 + (2/3) t^3 + ... is taken to its second term (relative error t^2 / 3 < 1e-7 below 2**-11)
+    t = 1.0 - u_rad
+    radius_sq = tl.where(t < _SERIES_BELOW, tl.fma(t, t, t + t), _log2_approx(u_rad) * _MINUS_2_LN2)
+    neg_rad = -tl.sqrt(radius_sq)
     cos, sin = _cos_sin_approx(angle)
     return neg_rad, cos, sin
 
@@ -187,46 +194,36 @@ def _load_step(coeffs_ptr, step_ptr, step_value, step_from_ptr, n_steps, streams
 
 
 @triton.jit
-def _update(x, m, z, z_rad, c, clip_lo, clip_hi, NOISE: tl.constexpr, SHORTCUTS: tl.constexpr):
-    """x_{t-1} from float32 x, m (and the noise when NOISE != 0) and the row ``c`` of ``_load_step``; same
-    operation order as the reference (subtract, then scale). The noise: NOISE == 1, ``z`` (scaled by the row's
-    noise_std here); NOISE == 2, ``z_rad * z`` with the scale already in ``z_rad`` (``_scaled_normal4``).
+def _update(x, m, z, z_rad, c, clip_lo, clip_hi, NOISE: tl.constexpr):
+    """x_{t-1} from float32 x, m (and the noise when NOISE != 0) and the row ``c`` of ``_load_step``. The noise:
+    NOISE == 1, ``z`` (scaled by the row's noise_std here); NOISE == 2, ``z_rad * z`` with the scale already in
+    ``z_rad`` (``_scaled_normal4``).
 
-    Without Philox noise every product and sum rounds once, as in the reference. With Philox noise (whose
-    special-function Box-Muller already holds the kernel to a tolerance, not to the reference's bits) each
-    ``a * b + c`` of that order is one fma: 13 instead of 19 instructions an element on the longest path, and one
-    rounding fewer.
-
-    SHORTCUTS: branch on the row (uniform across the program) to skip terms that are exact no-ops for finite
-    values. Used only by the flat kernel with Philox noise, whose instruction issue rather than memory bounds it:
-    elsewhere the branches would only cost registers (Triton 3.6: 32 -> 72 for the noise-free flat kernel), and
-    the channels_last kernel updates four sub-tiles and would repeat them."""
+    Without Philox noise: the reference's operation order (subtract, then scale), every product and sum rounded
+    once, so the result is the reference's to the bit. With Philox noise (whose special-function Box-Muller already
+    holds the kernel to a tolerance, not to the reference's bits) eps is folded into prev: prev = c7 x0 +
+    c8 (c3 x + c4 m + c5 x0) c6 + c9 x = a x0 + b m + d x with a = c7 + c8 c6 c5, b = c8 c6 c4, d = c9 + c8 c6 c3
+    (scalars, once a program), each ``a * b + c`` one fma: 9 instructions an element (13 with fmas in the
+    reference's order, 19 without), and no branch on the row. x0 keeps the reference's order (subtract, then
+    scale): clipping reads it, and at the noisiest steps its scale is large."""
     if NOISE == 2:
         x0 = tl.fma(c[0], x, c[1] * m) * c[2]
     else:
         x0 = (c[0] * x + c[1] * m) * c[2]
     x0 = tl.minimum(tl.maximum(x0, clip_lo, propagate_nan=tl.PropagateNan.ALL), clip_hi,
                     propagate_nan=tl.PropagateNan.ALL)
-    # Uniform branches on the row skip terms that are exact no-ops for finite values (x + 0 * y == x, 1 * y == y,
-    # up to the sign of a zero): DDPM rows have no eps term, epsilon-prediction DDIM rows have eps = m.
-    if NOISE != 2:
+    if NOISE == 2:
+        eps_weight = c[8] * c[6]
+        from_x0 = tl.fma(eps_weight, c[5], c[7])
+        from_m = eps_weight * c[4]
+        from_x = tl.fma(eps_weight, c[3], c[9])
+        prev = tl.fma(from_x0, x0, tl.fma(from_m, m, from_x * x))
+        prev = tl.fma(z_rad, z, prev)
+    else:
         eps = (c[3] * x + c[4] * m + c[5] * x0) * c[6]
         prev = c[7] * x0 + c[8] * eps + c[9] * x
-    elif not SHORTCUTS:
-        eps = tl.fma(c[5], x0, tl.fma(c[4], m, c[3] * x)) * c[6]
-        prev = tl.fma(c[9], x, tl.fma(c[8], eps, c[7] * x0))
-    elif c[8] == 0.0:
-        prev = tl.fma(c[9], x, c[7] * x0)
-    else:
-        if (c[3] == 0.0) & (c[4] == 1.0) & (c[5] == 0.0) & (c[6] == 1.0):
-            eps = m
-        else:
-            eps = tl.fma(c[5], x0, tl.fma(c[4], m, c[3] * x)) * c[6]
-        prev = tl.fma(c[9], x, tl.fma(c[8], eps, c[7] * x0))
-    if NOISE == 1:
-        prev = prev + c[10] * z
-    elif NOISE == 2:
-        prev = tl.fma(z_rad, z, prev)
+        if NOISE == 1:
+            prev = prev + c[10] * z
     return prev
 
 
@@ -242,7 +239,7 @@ def _update_tile(x_ptr, m_ptr, out_ptr, offs, mask, z, z_rad, c, clip_lo, clip_h
     """Load x and m at ``offs``, apply ``_update`` with noise z_rad * z, store x_{t-1}: one tile of the quad path."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _update(x, m, z, z_rad, c, clip_lo, clip_hi, 2, False)
+    y = _update(x, m, z, z_rad, c, clip_lo, clip_hi, 2)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -311,7 +308,7 @@ def _update_step_kernel(
     else:
         z = x  # unused
         z_rad = x
-    y = _update(x, m, z, z_rad, c, clip_lo, clip_hi, NOISE, NOISE == 2)  # shortcuts where issue-bound (Philox)
+    y = _update(x, m, z, z_rad, c, clip_lo, clip_hi, NOISE)
     tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

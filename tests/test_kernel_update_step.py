@@ -107,32 +107,35 @@ def test_sampler_variants_explicit_noise(variant, clip):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_philox_path_shortcuts_are_exact(variant):
-    """With Philox noise the flat kernel writes each ``a * b + c`` of the update as one fma and branches on the row
-    (DDPM rows: no eps term; epsilon DDIM rows: eps = m). With the noise column zeroed (0 * z adds nothing) its
-    float32 result must equal that fma formula bit for bit on every sampler table, whichever branch the row
-    takes (fma emulated in float64: the product is exact there)."""
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_philox_path_update_is_exact(variant, layout):
+    """With Philox noise the kernels fold eps into prev (prev = a x0 + b m + d x, the three weights formed from the
+    row once a program) and write each ``a * b + c`` as one fma. With the noise column zeroed (0 * z adds nothing)
+    their float32 result must equal that formula bit for bit on every sampler table, for the flat, the channel
+    tile and the RGB kernel (fma emulated in float64: the product is exact there)."""
     coeffs = table(*VARIANTS[variant]).clone()
     coeffs[:, ops.STEP_COEFFS.index("noise_std")] = 0.0
-    x, m = make((2, 3, 7, 5), torch.float32, "nchw"), make((2, 3, 7, 5), torch.float32, "nchw")
     seeds = torch.randint(-(2**62), 2**62, (2,), dtype=torch.int64, device=DEVICE)
     streams = torch.randint(0, 2**31, (coeffs.shape[0],), dtype=torch.int64, device=DEVICE)
-    for step in range(coeffs.shape[0]):
-        res = kernels.update_step(x, m, coeffs, torch.tensor(step, device=DEVICE), clip_range=1.0, seeds=seeds,
-                                  noise_streams=streams, out=poisoned_like(x))
-        ref = fused_update(x, m, coeffs[step], clip=1.0)
-        assert torch.equal(res, ref), f"step {step}: max difference {(res - ref).abs().max().item():.3e}"
+    for shape in [(2, 3, 7, 5), (2, 3, 4, 6), (2, 4, 4, 6)]:
+        x, m = make(shape, torch.float32, layout), make(shape, torch.float32, layout)
+        for step in range(coeffs.shape[0]):
+            res = kernels.update_step(x, m, coeffs, torch.tensor(step, device=DEVICE), clip_range=1.0, seeds=seeds,
+                                      noise_streams=streams, out=poisoned_like(x))
+            ref = fused_update(x, m, coeffs[step], clip=1.0)
+            assert torch.equal(res, ref), f"{shape} step {step}: max difference {(res - ref).abs().max().item():.3e}"
 
 
 def fused_update(x, m, row, clip):
-    """The Philox path's update without its noise term: the reference's operation order, each a * b + c one fma."""
+    """The Philox path's update without its noise term, as the kernels compute it in float32."""
     def fma(a, b, c):
         return (a.double() * b.double() + c.double()).float()
 
     c = [v.reshape(()) for v in row.float().unbind(0)]
     x0 = (fma(c[0], x, c[1] * m) * c[2]).clamp(-clip, clip)
-    eps = fma(c[5], x0, fma(c[4], m, c[3] * x)) * c[6]
-    return fma(c[9], x, fma(c[8], eps, c[7] * x0))
+    eps_weight = c[8] * c[6]
+    from_x0, from_m, from_x = fma(eps_weight, c[5], c[7]), eps_weight * c[4], fma(eps_weight, c[3], c[9])
+    return fma(from_x0, x0, fma(from_m, m, from_x * x))
 
 
 # ---- dtypes x layouts x noise modes ------------------------------------------------------------------------

@@ -153,6 +153,46 @@ def test_kernel_philox_known_answers():
         assert got == list(expected), f"counter {counter} key {key}: {[hex(g) for g in got]}"
 
 
+@triton.jit
+def _box_muller_kernel(words_ptr, out_ptr, N: tl.constexpr):
+    """out[0, i], out[1, i], out[2, i] = (radius, cos, sin) of the update kernels' Box-Muller on the word pair
+    (words[0, i], words[1, i])."""
+    i = tl.arange(0, N)
+    r_rad = tl.load(words_ptr + i).to(tl.uint32, bitcast=True)
+    r_ang = tl.load(words_ptr + N + i).to(tl.uint32, bitcast=True)
+    neg_rad, cos, sin = update_step_kernels._box_muller_polar(r_rad, r_ang)
+    tl.store(out_ptr + i, -neg_rad)
+    tl.store(out_ptr + N + i, -cos)
+    tl.store(out_ptr + 2 * N + i, -sin)
+
+
+def test_box_muller_near_both_ends_of_the_uniforms():
+    """Box-Muller on words whose uniform lies at the ends of (0, 1]: the radius sqrt(-2 ln u) within 1e-5 of
+    float64 everywhere (where u is within 2**-11 of 1 the kernel takes a series in 1 - u: a special-function log2
+    there errs by up to 6e-4 on radii below 0.01) and to 1e-6 relative in the series range; cos and sin of
+    2 pi u_b (the kernel's sign convention undone) within 1e-5. Uniforms are the reference's float32
+    ((r >> 8) + 0.5) 2**-24, which is 1 for the top word."""
+    n = 256
+    top = 2**24 - 1
+    k_rad = np.concatenate([top - np.arange(96),  # 1 - u from 0 (rounded to 1) up to 2**-18
+                            top - np.geomspace(96, 2**23, 128).astype(np.int64),  # 1 - u from 2**-18 to 1/2
+                            np.arange(32)])  # u near 0: the largest radii
+    k_ang = np.random.default_rng().integers(0, 2**24, n)
+    words = np.stack([k_rad << 8 | 0xAB, k_ang << 8]).astype(np.uint32).view(np.int32)
+    out = torch.full((3, n), float("nan"), device=DEVICE)
+    _box_muller_kernel[(1,)](torch.from_numpy(words).to(DEVICE), out, N=n)
+    radius, cos, sin = out.double().cpu().numpy()
+    u_rad = ((k_rad.astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)).astype(np.float64)
+    u_ang = ((k_ang.astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)).astype(np.float64)
+    expect = np.sqrt(-2.0 * np.log(u_rad))
+    assert np.abs(radius - expect).max() < 1e-5, np.abs(radius - expect).max()
+    series = 1.0 - u_rad < 2.0**-11
+    assert series.sum() > 128 and (radius[series] == 0).sum() == 1  # the top word: u = 1, radius 0
+    assert np.allclose(radius[series], expect[series], rtol=1e-6, atol=0)
+    assert np.abs(cos - np.cos(2 * np.pi * u_ang)).max() < 1e-5
+    assert np.abs(sin - np.sin(2 * np.pi * u_ang)).max() < 1e-5
+
+
 def test_noise_of_the_zero_counter_is_known():
     """Seed 0, stream 0: elements 0..3 come from the first known-answer vector (counter 0, key 0), mapped to
     uniforms ((r >> 8) + 0.5) 2**-24 and through Box-Muller, computed here in float64 from the published words."""
