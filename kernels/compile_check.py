@@ -280,36 +280,54 @@ def update_step_variants() -> list[Variant]:
 
 
 def dpm_solver_variants() -> list[Variant]:
-    """The DPM-Solver step (kernels/dpm_solver_kernels.py): every noise mode, both layouts, both step forms."""
+    """The DPM-Solver step (kernels/dpm_solver_kernels.py): every noise mode, both layouts, both step forms; with
+    channels_last Philox noise the shapes of each kernel the plan picks (channel tile, RGB pixel quads)."""
     from .dpm_solver_kernels import FP_FUSION, plan_dpm_solver_step
-    from .update_step_kernels import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR
+    from .update_step_kernels import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, cl_philox_quads
 
-    out = []
-    n, c, hw = STEP_SHAPE
+    cases = []  # (dtype, layout, noise mode, its name, step kind, shape)
     for dt in DTYPES:
         for layout in ("nchw", "channels_last"):
             for mode, mode_name in ((NOISE_NONE, "ode"), (NOISE_TENSOR, "noise tensor"), (NOISE_PHILOX, "philox")):
+                shapes = STEP_CL_SHAPES if layout == "channels_last" and mode == NOISE_PHILOX else (STEP_SHAPE,)
                 for step_kind in ("tensor", "int"):
                     if step_kind == "int" and (dt != torch.float16 or mode != NOISE_NONE):
                         continue  # same code; one variant shows the int-step specialisation compiles
-                    step = dict(step_ptr=_ptr(torch.int64), step_value=0, step_from_ptr=1) if step_kind == "tensor" \
-                        else dict(step_ptr=_ptr(torch.float32), step_value=17, step_from_ptr=0)
-                    p = plan_dpm_solver_step(layout, mode == NOISE_PHILOX)
-                    philox = mode == NOISE_PHILOX
-                    args = dict(x_ptr=_ptr(dt), m_ptr=_ptr(dt), z_ptr=_ptr(dt), hist_ptr=_ptr(dt), out_ptr=_ptr(dt),
-                                coeffs_ptr=_ptr(torch.float32), **step, n_steps=20, K=3,
-                                seeds_ptr=_ptr(torch.int64 if philox else torch.float32),
-                                streams_ptr=_ptr(torch.int32 if philox else torch.float32),
-                                numel_img=c * hw, numel=n * c * hw, C=c, HW=hw)
-                    cx = dict(NOISE=mode, CL=layout == "channels_last", BLOCK=p.block)
-                    name = f"{_DTYPE_NAMES[dt]} {'cl' if layout != 'nchw' else 'nchw'} {mode_name} step:{step_kind}"
-                    s = torch.empty((), dtype=dt).element_size()
-                    # a second-order step: x, m, D_{-1} read, x_{t-1}, D written (+ a noise tensor read)
-                    roof = dict(shape=_shape_text(n, c, hw), elements=n * c * hw, loop_trips=[],
-                                programs=-(-(c * hw) // p.block) * n,
-                                bytes=(6 if mode == NOISE_TENSOR else 5) * s * n * c * hw)
-                    out.append(Variant("dpm_solver_kernels", "_dpm_step_kernel", name, args, cx, p.num_warps,
-                                       FP_FUSION, roofline=roof))
+                    cases += [(dt, layout, mode, mode_name, step_kind, shape) for shape in shapes]
+    out = []
+    for dt, layout, mode, mode_name, step_kind, (n, c, hw) in cases:
+        step = dict(step_ptr=_ptr(torch.int64), step_value=0, step_from_ptr=1) if step_kind == "tensor" \
+            else dict(step_ptr=_ptr(torch.float32), step_value=17, step_from_ptr=0)
+        p = plan_dpm_solver_step(layout, mode == NOISE_PHILOX, c, hw)
+        philox = mode == NOISE_PHILOX
+        args = dict(x_ptr=_ptr(dt), m_ptr=_ptr(dt), hist_ptr=_ptr(dt), out_ptr=_ptr(dt),
+                    coeffs_ptr=_ptr(torch.float32), **step, n_steps=20, K=3,
+                    seeds_ptr=_ptr(torch.int64 if philox else torch.float32),
+                    streams_ptr=_ptr(torch.int32 if philox else torch.float32), numel=n * c * hw)
+        if p.kernel == "cl_rgb":
+            kernel = "_dpm_step_cl_rgb_kernel"
+            args["HW"] = hw
+            cx = dict(BLOCK_Q=p.block)
+            programs = -(-(hw // 4) // p.block) * n
+        elif p.kernel == "cl_philox":
+            kernel = "_dpm_step_cl_philox_kernel"
+            args.update(C=c, HW=hw)
+            cx = dict(QUADS=p.quads, BLOCK_P=p.block_p, BLOCK_C=p.block_c, FULL_C=p.full_c, EXACT_C=p.exact_c)
+            programs = -(-cl_philox_quads(hw, p.quads) // p.block_p) * -(-c // p.block_c) * n
+        else:
+            kernel = "_dpm_step_kernel"
+            args.update(z_ptr=_ptr(dt), numel_img=c * hw)
+            cx = dict(NOISE=mode, BLOCK=p.block)
+            programs = -(-(c * hw) // p.block) * n
+        name = f"{_DTYPE_NAMES[dt]} {'nchw' if layout == 'nchw' else 'cl'} {mode_name}"
+        if layout == "channels_last" and philox:
+            name += f" {'quads' if hw % 4 == 0 else 'unaligned'} c{c}"
+        s = _elem(dt)
+        # a second-order step: x, m, D_{-1} read, x_{t-1}, D written (+ a noise tensor read)
+        roof = dict(shape=_shape_text(n, c, hw), elements=n * c * hw, loop_trips=[], programs=programs,
+                    bytes=(6 if mode == NOISE_TENSOR else 5) * s * n * c * hw)
+        out.append(Variant("dpm_solver_kernels", kernel, f"{name} step:{step_kind}", args, cx, p.num_warps,
+                           FP_FUSION, roofline=roof))
     return out
 
 

@@ -244,12 +244,44 @@ def _update_tile(x_ptr, m_ptr, out_ptr, offs, mask, z, z_rad, c, clip_lo, clip_h
 
 
 @triton.jit
+def _lane_mask(mask, pix, k: tl.constexpr, HW, QUADS: tl.constexpr):
+    """``mask`` for lane k of channels_last quads (pixel pix + k): with QUADS every pixel of a real quad is real,
+    else the pixel must lie in [0, HW)."""
+    if not QUADS:
+        mask = mask & (pix + k >= 0) & (pix + k < HW)
+    return mask
+
+
+@triton.jit
 def _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, k: tl.constexpr, C, HW, mask, z, z_rad, c, clip_lo, clip_hi,
                  QUADS: tl.constexpr):
     """Lane k of the channels_last quads: pixel pix + k (offsets offs + k * C) with noise z_rad * z."""
-    if not QUADS:
-        mask = mask & (pix + k >= 0) & (pix + k < HW)
-    _update_tile(x_ptr, m_ptr, out_ptr, offs + k * C, mask, z, z_rad, c, clip_lo, clip_hi)
+    _update_tile(x_ptr, m_ptr, out_ptr, offs + k * C, _lane_mask(mask, pix, k, HW, QUADS), z, z_rad, c, clip_lo,
+                 clip_hi)
+
+
+@triton.jit
+def _cl_quad_tile(pid_p, pid_c, C, HW, pixel_stride, QUADS: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BLOCK_C: tl.constexpr, FULL_C: tl.constexpr):
+    """The [BLOCK_P quads, BLOCK_C channels] tile of a channels_last Philox program (see
+    ``_update_step_cl_philox_kernel``): (Philox counter, lane-0 pixel, mask without the pixel range of
+    ``_lane_mask``, lane-0 offset inside the image at ``pixel_stride`` elements a pixel)."""
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    quad = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    if FULL_C:  # constant along channels, so loads and stores stay whole vectors
+        cmask = tl.full([BLOCK_C], 1, tl.int1)
+    else:
+        cmask = ch < C
+    if QUADS:
+        counter = (ch[None, :] * (HW // 4) + quad[:, None]).to(tl.uint32)
+        pix = quad[:, None] * 4 + tl.zeros([1, BLOCK_C], tl.int32)
+        mask = (quad[:, None] < HW // 4) & cmask[None, :]
+    else:
+        first = ch * HW  # logical index of each channel's pixel 0
+        counter = ((first >> 2)[None, :] + quad[:, None]).to(tl.uint32)
+        pix = quad[:, None] * 4 - (first & 3)[None, :]
+        mask = tl.broadcast_to(cmask[None, :], [BLOCK_P, BLOCK_C])
+    return counter, pix, mask, pix * pixel_stride + ch[None, :]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,30 +382,13 @@ def _update_step_cl_philox_kernel(
     c, stream = _load_step(
         coeffs_ptr, step_ptr, step_value, step_from_ptr, n_steps, streams_ptr, 2)
     seed = tl.load(seeds_ptr + img)
-    base = img.to(tl.int64) * C * HW
     if EXACT_C:  # every lane's sub-tile then starts on a whole vector, so no lane needs a layout of its own
         pixel_stride = BLOCK_C
     else:
         pixel_stride = C
-    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    quad = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    if FULL_C:  # constant along channels, so loads and stores stay whole vectors
-        cmask = tl.full([BLOCK_C], 1, tl.int1)
-    else:
-        cmask = ch < C
-    if QUADS:
-        counter = (ch[None, :] * (HW // 4) + quad[:, None]).to(tl.uint32)
-        pix = quad[:, None] * 4 + tl.zeros([1, BLOCK_C], tl.int32)  # lane-0 pixel of each quad
-    else:
-        first = ch * HW  # logical index of each channel's pixel 0
-        counter = ((first >> 2)[None, :] + quad[:, None]).to(tl.uint32)
-        pix = quad[:, None] * 4 - (first & 3)[None, :]
+    counter, pix, mask, offs = _cl_quad_tile(pid_p, pid_c, C, HW, pixel_stride, QUADS, BLOCK_P, BLOCK_C, FULL_C)
     rad01, cos01, sin01, rad23, cos23, sin23 = _scaled_normal4(counter, stream, seed, c[10])
-    if QUADS:
-        mask = (quad[:, None] < HW // 4) & cmask[None, :]
-    else:
-        mask = cmask[None, :]  # _update_lane adds 0 <= pixel < HW
-    offs = base + pix * pixel_stride + ch[None, :]
+    offs = img.to(tl.int64) * C * HW + offs
     _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 0, pixel_stride, HW, mask, cos01, rad01, c, clip_lo,
                  clip_hi, QUADS)
     _update_lane(x_ptr, m_ptr, out_ptr, offs, pix, 1, pixel_stride, HW, mask, sin01, rad01, c, clip_lo,

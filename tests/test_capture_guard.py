@@ -56,12 +56,15 @@ def _config_fields(cls) -> dict:
             if p.default is not inspect.Parameter.empty}
 
 
-def _builds(cls, options: dict, eta: float) -> bool:
-    """Whether this (options, eta) is a valid setting of ``cls`` (invalid ones raise ValueError by contract)."""
+def _builds(cls, options: dict, eta: float):
+    """Whether this (options, eta) is a valid setting of ``cls`` (invalid ones raise ValueError by contract):
+    False, True, or the reason it cannot run here (an optional package it needs is missing)."""
     try:
         cls(num_train_timesteps=TRAIN_STEPS, **options).set_timesteps(STEPS, eta=eta)
     except ValueError:
         return False
+    except ImportError as exc:
+        return str(exc)
     return True
 
 
@@ -76,9 +79,11 @@ def _cases():
             variants += [{field: v} for v in values if v != default]
         for options in variants:
             for eta in ETAS:
-                if _builds(cls, options, eta):
+                builds = _builds(cls, options, eta)
+                if builds:
                     label = ",".join(f"{k}={v}" for k, v in options.items()) or "defaults"
-                    cases.append(pytest.param(cls, options, eta, id=f"{name}-{label}-eta{eta}"))
+                    marks = () if builds is True else (pytest.mark.skip(reason=builds),)
+                    cases.append(pytest.param(cls, options, eta, id=f"{name}-{label}-eta{eta}", marks=marks))
     return cases
 
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import tempfile
 import types
@@ -847,3 +848,16 @@ def test_drop_in_for_a_diffusers_pipeline():
     assert isinstance(pipe.scheduler, Ours) and pipe.scheduler.config.solver_order == 3
     out = pipe(generator=torch.Generator().manual_seed(3), **call).images
     assert np.abs(out - ref).max() < 1e-4
+
+
+def test_beta_sigmas_without_scipy_is_a_clear_error():
+    """scipy is optional: without it, use_beta_sigmas fails at construction with what to install."""
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "scipy" else real_find_spec(name, *args)
+
+    with mock.patch("importlib.util.find_spec", find_spec):
+        with pytest.raises(ImportError, match="use_beta_sigmas needs scipy"):
+            DPMSolverMultistepScheduler(use_beta_sigmas=True)
+        DPMSolverMultistepScheduler(use_karras_sigmas=True).set_timesteps(5)  # the other grids need no scipy

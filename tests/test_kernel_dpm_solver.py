@@ -95,8 +95,28 @@ def test_algorithms(algorithm, order, prediction):
     run_chain(table(algorithm, order, prediction, n=7), (2, 3, 9, 11), torch.float32, "nchw", noise)
 
 
+# Every channels_last Philox path of the launcher: (shape, kernel, H * W % 4 == 0); the plan is checked first.
+CL_PHILOX_PATHS = {
+    "rgb": ((2, 3, 6, 6), "cl_rgb", True),  # 9 quads: one partial program
+    "rgb-programs": ((1, 3, 40, 40), "cl_rgb", True),  # 400 quads: two programs of 256
+    "tile-exact": ((2, 4, 4, 6), "cl_philox", True),
+    "tile-unaligned-masked-c": ((2, 5, 3, 3), "cl_philox", False),  # 5 channels in an 8-channel tile
+    "tile-channel-programs": ((1, 67, 2, 3), "cl_philox", False),  # 67 channels: two channel tiles of 64
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("path", list(CL_PHILOX_PATHS))
+def test_channels_last_philox_paths(dtype, path):
+    shape, kernel, quads = CL_PHILOX_PATHS[path]
+    plan = dpm_kernels.plan_dpm_solver_step("channels_last", True, shape[1], shape[2] * shape[3])
+    assert (plan.kernel, plan.quads) == (kernel, quads), plan
+    run_chain(table("sde-dpmsolver++", 2, "epsilon", n=4), shape, dtype, "channels_last", "philox")
+
+
 def test_many_programs_per_image_and_batch():
-    """5 images of 4x41x33 = 5412 elements: three programs per image in grid dimension 0, five in dimension 1."""
+    """5 images of 4x41x33 channels_last: 339 pixel quads per channel, two programs per image in grid dimension 0,
+    five images in dimension 2."""
     run_chain(table("sde-dpmsolver++", 3, "epsilon", n=5), (5, 4, 41, 33), torch.float16, "channels_last", "philox",
               steps=3)
 

@@ -22,6 +22,7 @@ Differences from diffusers, all deliberate:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import numbers
 
@@ -107,6 +108,8 @@ def _check_config(c: DPMSolverConfig) -> None:
                          f"{c.algorithm_type!r} takes final_sigmas_type 'sigma_min'")
     if sum((c.use_karras_sigmas, c.use_exponential_sigmas, c.use_beta_sigmas, c.use_lu_lambdas)) > 1:
         raise ValueError("use only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas")
+    if c.use_beta_sigmas and importlib.util.find_spec("scipy") is None:
+        raise ImportError("use_beta_sigmas needs scipy (Beta(0.6, 0.6) quantiles): pip install scipy")
     if not _is_int(c.steps_offset) or c.steps_offset < 0:
         raise ValueError(f"steps_offset must be an integer >= 0, got {c.steps_offset!r}")
     if c.thresholding:
