@@ -34,6 +34,7 @@ def test_kernel_tests_pass_after_a_module_that_imports_diffusers():
     """Collection order used to matter: diffusers imported Triton before TRITON_INTERPRET was set, and every
     interpreted kernel calling a Triton helper failed ("Cannot call @triton.jit'd outside of the scope of a
     kernel"). conftest now settles the mode before anything is collected."""
+    pytest.importorskip("diffusers", reason="diffusers missing: the ordering it tests needs a module that imports it")
     rc, out = run_pytest([DIFFUSERS_FIRST, *KERNEL_TESTS])
     assert rc == 0 and "3 passed" in out, out
 
