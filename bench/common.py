@@ -35,6 +35,26 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 # ----------------------------------------------------------------------------------------- small helpers
+def experiment_options(parser, batch_size: int, resumable: bool = True) -> None:
+    """The options every quality experiment (bench/experiment_*.py) takes: seed, batch size, CPU threads, output
+    folder, and for the resumable ones --resume and --no-progress."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "docs"))
+    if resumable:
+        parser.add_argument("--resume", action="store_true", help="keep the rows already in the output JSON")
+        parser.add_argument("--no-progress", action="store_true")
+
+
+def parse_experiment_args(parser, argv):
+    """``parser.parse_args(argv)``, with torch's CPU threads set from --threads."""
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

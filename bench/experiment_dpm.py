@@ -128,15 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-images", type=int, default=256)
     p.add_argument("--steps", default="5,10,15,20,50")
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated rows to run: " + ", ".join(FAMILIES))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=str(common.REPO_ROOT / "docs"))
-    p.add_argument("--resume", action="store_true", help="keep the rows already in the output JSON")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.experiment_options(p, batch_size=128)
+    args = common.parse_experiment_args(p, argv)
     steps = common.parse_ints(args.steps, "--steps")
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = set(families) - set(FAMILIES)

@@ -161,13 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-images-1000", type=int, default=30, help="images for samplers with >= 1000 steps")
     p.add_argument("--strengths", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
     p.add_argument("--samplers", default="ddim:20,ddim:100,ddpm:100,ddpm:1000")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=str(common.REPO_ROOT / "docs"))
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.experiment_options(p, batch_size=100, resumable=False)
+    args = common.parse_experiment_args(p, argv)
     strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
     if not strengths or any(not 0.0 < s <= 1.0 for s in strengths):
         raise ValueError(f"--strengths must lie in (0, 1], got {args.strengths!r}")

@@ -190,15 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--etas", default="0,0.5,1")
     p.add_argument("--noclip-steps", default="10,100,1000",
                    help="extra rows: deterministic DDIM without x0 clipping at these step counts ('' for none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=str(common.REPO_ROOT / "docs"))
-    p.add_argument("--resume", action="store_true", help="keep the rows already in the output JSON")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.experiment_options(p, batch_size=128)
+    args = common.parse_experiment_args(p, argv)
     steps = common.parse_ints(args.steps, "--steps")
     etas = [float(e) for e in args.etas.split(",") if e.strip()]
     model_path = args.model or default_model_dir()

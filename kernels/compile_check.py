@@ -211,8 +211,8 @@ def group_norm_variants() -> list[Variant]:
 
 
 def update_step_variants() -> list[Variant]:
-    from .update_step_kernels import (FP_FUSION, NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, cl_philox_quads,
-                                      plan_gaussian_noise, plan_update_step)
+    from .update_step_kernels import (FP_FUSION, NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, cl_philox_grid,
+                                      cl_philox_quads, plan_gaussian_noise, plan_update_step)
 
     out = []
     n, c, hw = STEP_SHAPE
@@ -261,7 +261,7 @@ def update_step_variants() -> list[Variant]:
                     args["C"] = cl_c
                     cx = dict(QUADS=p.quads, BLOCK_P=p.block_p, BLOCK_C=p.block_c, FULL_C=p.full_c,
                               EXACT_C=p.exact_c)
-                    programs = -(-units // p.block_p) * -(-cl_c // p.block_c) * cl_n
+                    programs = math.prod(cl_philox_grid(p, cl_c, cl_hw, cl_n))
                 roof = dict(shape=_shape_text(cl_n, cl_c, cl_hw), elements=cl_n * cl_c * cl_hw, loop_trips=[],
                             programs=programs, bytes=3 * s * cl_n * cl_c * cl_hw)
                 name = f"{d} cl philox {'quads' if p.quads else 'unaligned'} c{cl_c} step:{step_kind}"
@@ -283,7 +283,7 @@ def dpm_solver_variants() -> list[Variant]:
     """The DPM-Solver step (kernels/dpm_solver_kernels.py): every noise mode, both layouts, both step forms; with
     channels_last Philox noise the shapes of each kernel the plan picks (channel tile, RGB pixel quads)."""
     from .dpm_solver_kernels import FP_FUSION, plan_dpm_solver_step
-    from .update_step_kernels import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, cl_philox_quads
+    from .update_step_kernels import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, cl_philox_grid
 
     cases = []  # (dtype, layout, noise mode, its name, step kind, shape)
     for dt in DTYPES:
@@ -313,7 +313,7 @@ def dpm_solver_variants() -> list[Variant]:
             kernel = "_dpm_step_cl_philox_kernel"
             args.update(C=c, HW=hw)
             cx = dict(QUADS=p.quads, BLOCK_P=p.block_p, BLOCK_C=p.block_c, FULL_C=p.full_c, EXACT_C=p.exact_c)
-            programs = -(-cl_philox_quads(hw, p.quads) // p.block_p) * -(-c // p.block_c) * n
+            programs = math.prod(cl_philox_grid(p, c, hw, n))
         else:
             kernel = "_dpm_step_kernel"
             args.update(z_ptr=_ptr(dt), numel_img=c * hw)

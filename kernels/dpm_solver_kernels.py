@@ -25,15 +25,13 @@ Launched with ``enable_fp_fusion=False``, as the DDPM/DDIM step: the reference r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import CHANNELS_LAST, cdiv, dpm_solver_step_problem, layout_of, next_pow2
-from .update_step_kernels import (NOISE_PHILOX, NOISE_TENSOR, _cl_quad_tile, _lane_mask, _lanes4, _normal4,
-                                  cl_philox_quads, noise_mode_args, output_like, table_step_args)
+from ._common import CHANNELS_LAST, cdiv, dpm_solver_step_problem, layout_of
+from .update_step_kernels import (NOISE_PHILOX, NOISE_TENSOR, StepPlan, _cl_quad_tile, _lane_mask, _lanes4, _normal4,
+                                  cl_philox_grid, noise_mode_args, output_like, plan_cl_philox_tile, table_step_args)
 
 N_DPM_COEFFS = 10
 FP_FUSION = False
@@ -215,33 +213,19 @@ def _dpm_step_cl_rgb_kernel(
                 _lanes4(c2_n2, c0_n3, c1_n3, c2_n3), 2)
 
 
-@dataclass(frozen=True)
-class DPMStepPlan:
-    """Block sizes and warps of one DPM-Solver step launch."""
-
-    kernel: str  # "flat" (_dpm_step_kernel), "cl_philox" (_dpm_step_cl_philox_kernel), "cl_rgb" (_dpm_step_cl_rgb_kernel)
-    block: int  # flat: elements per program; cl_rgb: pixel quads per program
-    num_warps: int
-    block_p: int = 0  # cl_philox: pixel quads per program
-    block_c: int = 0  # cl_philox: channels per program
-    quads: bool = False  # cl_philox: HW % 4 == 0
-    full_c: bool = False  # cl_philox: C % block_c == 0
-    exact_c: bool = False  # cl_philox: C == block_c
-
-
 DPM_CL_CELLS = 1024  # cl_philox: (quad, channel) cells per program, 4 elements each: 32 elements a thread
 DPM_RGB_BLOCK = 256  # cl_rgb: pixel quads per program, 2 a thread (24 elements; 64 registers, 146 at 4 quads)
 
 
-def plan_dpm_solver_step(layout: str, philox: bool, c: int, hw: int) -> DPMStepPlan:
-    """The one place that picks block sizes for the DPM-Solver step (launcher and compile check)."""
+def plan_dpm_solver_step(layout: str, philox: bool, c: int, hw: int) -> StepPlan:
+    """The one place that picks block sizes for the DPM-Solver step (launcher and compile check): kernel "flat"
+    (``_dpm_step_kernel``), "cl_philox" (``_dpm_step_cl_philox_kernel``) or "cl_rgb" (``_dpm_step_cl_rgb_kernel``,
+    block = pixel quads per program)."""
     if layout == CHANNELS_LAST and philox:
         if c == 3 and hw % 4 == 0:
-            return DPMStepPlan("cl_rgb", DPM_RGB_BLOCK, 4, quads=True)
-        block_c = min(next_pow2(c), 64)
-        return DPMStepPlan("cl_philox", 0, 4, max(1, DPM_CL_CELLS // block_c), block_c, hw % 4 == 0,
-                           c % block_c == 0, c == block_c)
-    return DPMStepPlan("flat", 2048, 4)
+            return StepPlan("cl_rgb", DPM_RGB_BLOCK, 0, 0, True, 4)
+        return plan_cl_philox_tile(c, hw, DPM_CL_CELLS)
+    return StepPlan("flat", 2048, 0, 0, False, 4)
 
 
 def dpm_solver_step(sample, model_output, history, coeffs, step_index, *, noise=None, seeds=None, noise_streams=None,
@@ -276,8 +260,7 @@ def dpm_solver_step(sample, model_output, history, coeffs, step_index, *, noise=
             num_stages=1, enable_fp_fusion=FP_FUSION)
         return out
     if plan.kernel == "cl_philox":
-        grid = (cdiv(cl_philox_quads(hw, plan.quads), plan.block_p), cdiv(c, plan.block_c), n)
-        _dpm_step_cl_philox_kernel[grid](
+        _dpm_step_cl_philox_kernel[cl_philox_grid(plan, c, hw, n)](
             sample, model_output, history, out, coeffs, step_ptr, step_value, step_from_ptr, n_steps,
             history.shape[0], seeds, noise_streams, sample.numel(), c, hw, QUADS=plan.quads, BLOCK_P=plan.block_p,
             BLOCK_C=plan.block_c, FULL_C=plan.full_c, EXACT_C=plan.exact_c, num_warps=plan.num_warps, num_stages=1,

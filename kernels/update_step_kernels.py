@@ -556,6 +556,7 @@ class StepPlan:
 
 CL_PAIRS_BLOCK = 1024  # pairs per program: 8 pairs (32 elements) a thread at 4 warps
 CL_RGB_BLOCK = 512  # pixel quads per program: 4 quads (48 elements) a thread at 4 warps
+CL_TILE_CELLS = 2048  # (pixel quad, channel) cells per program of the channel tile: 64 elements a thread
 
 
 def plan_update_step(c: int, hw: int, layout: str, philox: bool) -> StepPlan:
@@ -567,19 +568,29 @@ def plan_update_step(c: int, hw: int, layout: str, philox: bool) -> StepPlan:
         if c < 16 and c & (c - 1):  # few channels, not a power of two: a channel tile would run lanes masked
             even = quads and hw // 4 * c % CL_PAIRS_BLOCK == 0
             return StepPlan("cl_pairs", CL_PAIRS_BLOCK, 0, 0, quads, 4, even=even)
-        block_c = min(next_pow2(c), 64)
-        # 1024 elements per program: 4 sub-tiles of block_p quads * block_c channels
-        block_p = max(1, 2048 // block_c)
-        return StepPlan("cl_philox", 0, block_p, block_c, quads, 4, c % block_c == 0, c == block_c)
-    # 16 elements a thread: amortises the per-program coefficient loads and index math (fewer instructions
-    # per element matter once Philox and Box-Muller are in the loop)
+        return plan_cl_philox_tile(c, hw, CL_TILE_CELLS)
+    # 16 elements a thread (32 with Philox): amortises the per-program coefficient loads and index math (fewer
+    # instructions per element matter once Philox and Box-Muller are in the loop)
     return StepPlan("flat", 4096 if philox else 2048, 0, 0, False, 4)
+
+
+def plan_cl_philox_tile(c: int, hw: int, cells: int) -> StepPlan:
+    """The [quads, channels] tile of a channels_last Philox program (``_cl_quad_tile``; the update step's and the
+    DPM-Solver step's): ``cells`` (pixel quad, channel) cells of 4 elements, at most 64 channels, 4 warps."""
+    block_c = min(next_pow2(c), 64)
+    return StepPlan("cl_philox", 0, max(1, cells // block_c), block_c, hw % 4 == 0, 4, c % block_c == 0,
+                    c == block_c)
 
 
 def cl_philox_quads(hw: int, quads: bool) -> int:
     """Pixel quads per channel the channels_last Philox kernel walks: HW / 4, or with HW % 4 != 0 enough to cover
     pixels -3 .. HW - 1 (a channel's quads start up to 3 pixels before its pixel 0)."""
     return hw // 4 if quads else cdiv(hw + 3, 4)
+
+
+def cl_philox_grid(plan: StepPlan, c: int, hw: int, n: int) -> tuple[int, int, int]:
+    """The launch grid of a ``plan_cl_philox_tile`` plan: (quad programs, channel programs, images)."""
+    return cdiv(cl_philox_quads(hw, plan.quads), plan.block_p), cdiv(c, plan.block_c), n
 
 
 def plan_gaussian_noise() -> StepPlan:
@@ -671,9 +682,7 @@ def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, no
     seeds_arg = seeds if mode == NOISE_PHILOX else coeffs
     streams_arg = noise_streams if mode == NOISE_PHILOX else coeffs
     if plan.kernel == "cl_philox":
-        p_programs = cdiv(cl_philox_quads(hw, plan.quads), plan.block_p)
-        grid = (p_programs, cdiv(c, plan.block_c), n)
-        _update_step_cl_philox_kernel[grid](
+        _update_step_cl_philox_kernel[cl_philox_grid(plan, c, hw, n)](
             sample, model_output, out, coeffs, step_ptr, step_value, step_from_ptr, n_steps, seeds_arg, streams_arg,
             clip_lo, clip_hi, c, hw, QUADS=plan.quads, BLOCK_P=plan.block_p, BLOCK_C=plan.block_c, FULL_C=plan.full_c,
             EXACT_C=plan.exact_c,

@@ -45,6 +45,26 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
 
 
+def _check_step_inputs(op: str, sample, model_output, coeffs, n_cols: int, noise, seeds, noise_streams) -> None:
+    """The checks a sampler step (``update_step``, ``dpm_solver_step``) makes of its inputs, errors prefixed ``op``."""
+    _check_float("sample", sample)
+    _check_float("model_output", model_output)
+    if model_output.shape != sample.shape:
+        raise ValueError(f"{op}: model_output shape {tuple(model_output.shape)} != sample shape "
+                         f"{tuple(sample.shape)}")
+    if coeffs.dim() != 2 or coeffs.shape[1] != n_cols:
+        raise ValueError(f"{op}: coeffs must be [steps, {n_cols}], got {tuple(coeffs.shape)}")
+    if coeffs.device != sample.device:
+        raise ValueError(f"{op}: coeffs on {coeffs.device}, sample on {sample.device}")
+    if noise is not None and noise.shape != sample.shape:
+        raise ValueError(f"{op}: noise shape {tuple(noise.shape)} != sample shape {tuple(sample.shape)}")
+    if noise is None and seeds is not None:
+        if seeds.dim() != 1 or seeds.shape[0] != sample.shape[0]:
+            raise ValueError(f"{op}: need one seed per image ({sample.shape[0]}), got shape {tuple(seeds.shape)}")
+        if noise_streams is None:
+            raise ValueError(f"{op}: seeds given without noise_streams")
+
+
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, add=None, silu=False, backend=None):
     """``[silu](GroupNorm(x + add))``: GroupNorm over ``num_groups`` groups of x's channels.
 
@@ -87,21 +107,7 @@ def update_step(sample, model_output, coeffs, step_index, *, clip_range=None, no
     [N]) with ``noise_streams`` (int [S]) for in-kernel Philox noise, or neither (deterministic step).
     ``out``: where to write x_{t-1} (a tensor like sample; ``sample`` itself updates it in place).
     """
-    _check_float("sample", sample)
-    _check_float("model_output", model_output)
-    if model_output.shape != sample.shape:
-        raise ValueError(f"update step: model_output shape {tuple(model_output.shape)} != sample shape {tuple(sample.shape)}")
-    if coeffs.dim() != 2 or coeffs.shape[1] != N_STEP_COEFFS:
-        raise ValueError(f"update step: coeffs must be [steps, {N_STEP_COEFFS}], got {tuple(coeffs.shape)}")
-    if coeffs.device != sample.device:
-        raise ValueError(f"update step: coeffs on {coeffs.device}, sample on {sample.device}")
-    if noise is not None and noise.shape != sample.shape:
-        raise ValueError(f"update step: noise shape {tuple(noise.shape)} != sample shape {tuple(sample.shape)}")
-    if noise is None and seeds is not None:
-        if seeds.dim() != 1 or seeds.shape[0] != sample.shape[0]:
-            raise ValueError(f"update step: need one seed per image ({sample.shape[0]}), got shape {tuple(seeds.shape)}")
-        if noise_streams is None:
-            raise ValueError("update step: seeds given without noise_streams")
+    _check_step_inputs("update step", sample, model_output, coeffs, N_STEP_COEFFS, noise, seeds, noise_streams)
     if out is not None and (out.shape != sample.shape or out.dtype != sample.dtype or out.device != sample.device):
         raise ValueError(f"update step: out must be like sample ({sample.dtype} {tuple(sample.shape)} on "
                          f"{sample.device}), got {out.dtype} {tuple(out.shape)} on {out.device}")
@@ -169,11 +175,7 @@ def dpm_solver_step(sample, model_output, history, coeffs, step_index, *, thresh
     threshold: None or (ratio, max_value) (dynamic thresholding: reference only); noise: like sample, or ``seeds``
     (int64 [N]) with ``noise_streams`` (int [S]) for in-kernel Philox noise, or neither.
     """
-    _check_float("sample", sample)
-    _check_float("model_output", model_output)
-    if model_output.shape != sample.shape:
-        raise ValueError(f"dpm_solver_step: model_output shape {tuple(model_output.shape)} != sample shape "
-                         f"{tuple(sample.shape)}")
+    _check_step_inputs("dpm_solver_step", sample, model_output, coeffs, N_DPM_COEFFS, noise, seeds, noise_streams)
     if not isinstance(history, torch.Tensor) or history.dim() != sample.dim() + 1 \
             or tuple(history.shape[1:]) != tuple(sample.shape) or not 1 <= history.shape[0] <= dpm_reference.MAX_HISTORY:
         raise ValueError(f"dpm_solver_step: history must be [K, *sample.shape] with 1 <= K <= 3, got "
@@ -181,18 +183,6 @@ def dpm_solver_step(sample, model_output, history, coeffs, step_index, *, thresh
     if history.dtype != sample.dtype or history.device != sample.device:
         raise ValueError(f"dpm_solver_step: history is {history.dtype} on {history.device}, sample {sample.dtype} "
                          f"on {sample.device}")
-    if coeffs.dim() != 2 or coeffs.shape[1] != N_DPM_COEFFS:
-        raise ValueError(f"dpm_solver_step: coeffs must be [steps, {N_DPM_COEFFS}], got {tuple(coeffs.shape)}")
-    if coeffs.device != sample.device:
-        raise ValueError(f"dpm_solver_step: coeffs on {coeffs.device}, sample on {sample.device}")
-    if noise is not None and noise.shape != sample.shape:
-        raise ValueError(f"dpm_solver_step: noise shape {tuple(noise.shape)} != sample shape {tuple(sample.shape)}")
-    if noise is None and seeds is not None:
-        if seeds.dim() != 1 or seeds.shape[0] != sample.shape[0]:
-            raise ValueError(f"dpm_solver_step: need one seed per image ({sample.shape[0]}), got shape "
-                             f"{tuple(seeds.shape)}")
-        if noise_streams is None:
-            raise ValueError("dpm_solver_step: seeds given without noise_streams")
     backend = check_backend(backend)
     if backend != "reference":
         problem = None
