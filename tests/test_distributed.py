@@ -42,6 +42,15 @@ def fastdiff_command(args, nproc=None, timeout=600):
                           text=True, timeout=timeout)
 
 
+def run_report(result, out_dir) -> str:
+    """What a failed run left: its exit status, the end of both streams and the files in ``out_dir`` (whether a
+    rank failed mid-run or after writing everything)."""
+    files = sorted(os.path.relpath(os.path.join(root, f), out_dir) for root, _, names in os.walk(out_dir)
+                   for f in names) if os.path.isdir(out_dir) else []
+    return (f"exit status {result.returncode}\nstdout: {result.stdout[-1000:]}\nstderr: {result.stderr[-3000:]}\n"
+            f"files in {out_dir}: {files}")
+
+
 def pixels(out_dir, indices):
     return output.ImageStore.for_run(str(out_dir), (3, 8, 8)).load(indices)
 
@@ -62,7 +71,7 @@ def runs(tmp_path_factory):
     single = fastdiff_command(["--model", model, "--out", str(root / "single"), *RUN])
     assert single.returncode == 0, single.stderr
     two = fastdiff_command(["--model", model, "--out", str(root / "two"), *RUN], nproc=2)
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, run_report(two, root / "two")
     return root, model, two
 
 
@@ -90,7 +99,7 @@ def test_resume_after_deleting_images_rewrites_only_those(runs):
         os.unlink(out / f"{i:06d}.png")
     before = {i: os.stat(out / f"{i:06d}.png") for i in range(7) if i not in deleted}
     rerun = fastdiff_command(["--model", model, "--out", str(out), *RUN], nproc=2)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.returncode == 0, run_report(rerun, out)
     assert "wrote 2 images" in rerun.stdout and "(5 already there)" in rerun.stdout
     for i, st in before.items():  # untouched: same file, same modification time
         now = os.stat(out / f"{i:06d}.png")
@@ -117,7 +126,7 @@ def test_npz_shards_round_trip_to_the_png_pixels(runs):
     root, model, _ = runs
     out = root / "npz"
     result = fastdiff_command(["--model", model, "--out", str(out), "--format", "npz", *RUN], nproc=2)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, run_report(result, out)
     shards = sorted(n for n in os.listdir(out) if n.endswith(".npz"))
     assert shards == ["samples_000000_2.npz", "samples_000002_2.npz", "samples_000004_2.npz", "samples_000006_1.npz"]
     with np.load(out / shards[1]) as shard:
@@ -133,7 +142,7 @@ def test_more_ranks_than_images(runs):
     out = root / "one_image"
     result = fastdiff_command(["--model", model, "--out", str(out), "--num-images", "1", "--steps", "2",
                                "--device", "cpu", "--no-progress"], nproc=2)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, run_report(result, out)
     assert sorted(os.listdir(out)) == ["000000.png", "grid.png", "run.json"]
     assert json.loads((out / "run.json").read_text())["extra"]["images_per_rank"] == [1, 0]
 
